@@ -1,0 +1,133 @@
+"""Credits: rounding, grant burn-down and threshold crossings. Pure, Decimal only.
+
+Rules (the Stripe credit-grant / OpenMeter rule):
+- a window aggregate's debit is `quantity * credits_per_unit`, rounded half-even
+  to `places` decimals, once per aggregate (never per event);
+- a debit burns the grants usable at debit time — effective, not expired, with
+  remaining credits — by priority (lower number first), then earliest expiry
+  (never-expiring last), then earliest effective, then grant id;
+- whatever no grant covers is overage: the balance goes negative by it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from meterline.core.events import Quantity
+from meterline.core.windows import as_decimal
+
+ZERO = Decimal(0)
+
+
+def round_credits(amount: Decimal, places: int) -> Decimal:
+    """Half-even (banker's) rounding to `places` decimals; exact for already-short values."""
+    return amount.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN)
+
+
+def debit_for(quantity: Quantity, credits_per_unit: Decimal, places: int) -> Decimal:
+    return round_credits(as_decimal(quantity) * credits_per_unit, places)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    id: int
+    remaining: Decimal
+    priority: int
+    effective_at: datetime
+    expires_at: datetime | None
+
+    def usable_at(self, at: datetime) -> bool:
+        return (
+            self.remaining > 0
+            and self.effective_at <= at
+            and (self.expires_at is None or self.expires_at > at)
+        )
+
+
+def burn_order(grant: Grant) -> tuple[int, int, datetime, datetime, int]:
+    never = grant.expires_at is None
+    return (grant.priority, 1 if never else 0, grant.expires_at or grant.effective_at,
+            grant.effective_at, grant.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Burn:
+    """How one debit was covered."""
+
+    allocations: tuple[tuple[int, Decimal], ...]  # (grant id, credits taken)
+    overage: Decimal
+
+
+def burn_down(grants: Sequence[Grant], amount: Decimal, at: datetime) -> tuple[Burn, list[Grant]]:
+    """Cover `amount` from `grants`; return the burn and the grants with updated remainders.
+
+    A negative amount (a `latest` correction crediting back) burns nothing and
+    reduces overage only through the balance; it is returned as negative overage.
+    """
+    if amount <= 0:
+        return Burn((), amount), list(grants)
+    left = amount
+    allocations: list[tuple[int, Decimal]] = []
+    updated = {g.id: g for g in grants}
+    for g in sorted((g for g in grants if g.usable_at(at)), key=burn_order):
+        if left == 0:
+            break
+        take = min(g.remaining, left)
+        allocations.append((g.id, take))
+        updated[g.id] = replace(g, remaining=g.remaining - take)
+        left -= take
+    return Burn(tuple(allocations), left), [updated[g.id] for g in grants]
+
+
+def thresholds_crossed(
+    before: Decimal, after: Decimal, granted: Decimal, thresholds: Sequence[int]
+) -> tuple[int, ...]:
+    """Usage thresholds (percent of `granted` consumed) crossed going from `before` to `after`.
+
+    Consumption is `granted - balance`; a threshold t is crossed when
+    consumption moves from below t% to at or above it. No grants, no thresholds.
+    """
+    if granted <= 0 or after >= before:
+        return ()
+    used_before = (granted - before) * 100
+    used_after = (granted - after) * 100
+    return tuple(t for t in thresholds if used_before < t * granted <= used_after)
+
+
+def depleted(before: Decimal, after: Decimal) -> bool:
+    """True when this change took the balance from positive to zero or below."""
+    return before > 0 >= after
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceChange:
+    customer: str
+    balance_before: Decimal
+    balance_after: Decimal
+    granted: Decimal
+    reason: str
+    ledger_entry_ids: tuple[int, ...]
+    thresholds: Sequence[int]
+
+    @property
+    def delta(self) -> Decimal:
+        return self.balance_after - self.balance_before
+
+    def to_message(self) -> dict[str, object]:
+        """The `billing.balance-changes` payload (schemas/balance-change.schema.json)."""
+        return {
+            "customer": self.customer,
+            "balance_before": str(self.balance_before),
+            "balance_after": str(self.balance_after),
+            "delta": str(self.delta),
+            "reason": self.reason,
+            "ledger_entry_id": self.ledger_entry_ids[-1] if self.ledger_entry_ids else None,
+            "ledger_entry_ids": list(self.ledger_entry_ids),
+            "thresholds_crossed": list(
+                thresholds_crossed(self.balance_before, self.balance_after, self.granted, self.thresholds)
+            ),
+            "depleted": depleted(self.balance_before, self.balance_after),
+        }
