@@ -1,0 +1,122 @@
+"""`meterline <command>`: parses arguments and dispatches; each service exposes run(settings)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from meterline.config import ConfigError, Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _processor(args: argparse.Namespace) -> int:
+    from meterline.processor.app import run
+
+    run(_settings(args), args.worker_id)
+    return 0
+
+
+def _relay(args: argparse.Namespace) -> int:
+    from meterline.relay.outbox import run
+
+    run(_settings(args))
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from meterline.storage.db import migrate
+
+    applied = asyncio.run(migrate(_settings(args).database_url))
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    return 0
+
+
+def _topics(args: argparse.Namespace) -> int:
+    from meterline.devstack.topics import ensure_topics
+
+    s = _settings(args)
+    made = ensure_topics(s)
+    print(f"topics ready: {', '.join(made)}")
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from meterline.devstack.dev import run
+
+    return run(args)
+
+
+def _load(args: argparse.Namespace) -> int:
+    from meterline.devstack.load import run
+
+    return run(_settings(args), args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from meterline.devstack.bench import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meterline", description=__doc__)
+    parser.add_argument("-c", "--config", help="YAML config file (default: $METERLINE_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("processor", help="consume usage.events, debit credits (Faust worker)")
+    p.add_argument("--worker-id", help="owner name recorded with partition claims")
+    p.set_defaults(func=_processor)
+
+    sub.add_parser("relay", help="publish outbox rows to Kafka").set_defaults(func=_relay)
+    sub.add_parser("migrate", help="apply SQL migrations").set_defaults(func=_migrate)
+    sub.add_parser("topics", help="create the Kafka topics meterline uses").set_defaults(func=_topics)
+
+    p = sub.add_parser("dev", help="embedded broker + Postgres + all services + load + live view")
+    p.add_argument("--duration", type=float, default=0, help="stop after S seconds (0 = until Ctrl-C)")
+    p.add_argument("--headless", action="store_true", help="no live view; print a JSON summary last")
+    p.add_argument("--rate", type=float, default=2000, help="load generator events/s")
+    p.add_argument("--customers", type=int, default=200)
+    p.add_argument("--workdir", help="keep broker/Postgres data here instead of a temp dir")
+    p.set_defaults(func=_dev)
+
+    p = sub.add_parser("load", help="publish a realistic usage mix to usage.events")
+    p.add_argument("--rate", type=float, default=2000, help="events/s")
+    p.add_argument("--duration", type=float, default=60, help="seconds")
+    p.add_argument("--customers", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=0, help="events per batch envelope (0 = single)")
+    p.add_argument("--duplicates", type=float, default=0.05, help="fraction re-sent")
+    p.add_argument("--late", type=float, default=0.01, help="fraction with old timestamps")
+    p.add_argument("--invalid", type=float, default=0.005, help="fraction of bad input")
+    p.set_defaults(func=_load)
+
+    p = sub.add_parser("bench", help="measure throughput and latency end to end")
+    p.add_argument("--events", type=int, default=300_000)
+    p.add_argument("--json", dest="json_path", help="also write results to this file")
+    p.add_argument("--skip-baseline", action="store_true", help="skip the naive Faust baseline")
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"meterline: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The processor's work, independent of Faust: ingest record runs, flush closed windows.
+
+Faust (see `app.py`) hands `Pipeline.ingest` one `RecordRun` per fetched
+per-partition run of records, and calls `claim` whenever partitions are
+assigned. Everything here works on whole runs and whole flushes; nothing
+happens per event except parsing and window assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+import asyncpg
+
+from meterline import metrics
+from meterline.config import Settings
+from meterline.core.events import EventValidator, Limits
+from meterline.core.windows import Closable, OpenWindows
+from meterline.processor.dlq import DlqUnavailable, DlqWriter
+from meterline.storage import checkpoints
+from meterline.storage.checkpoints import FencedError
+from meterline.storage.flush import FlushPolicy, FlushResult, flush
+from meterline.storage.grants import allocate_plan_periods, expire_grants
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]  # seconds since the epoch; tests pass a fake
+
+
+class KafkaRecord(Protocol):
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRun:
+    """Consecutive records of one partition, as fetched; `generation` tells stale runs apart."""
+
+    partition: int
+    generation: int
+    records: Sequence[KafkaRecord]
+
+
+def policy_from(settings: Settings) -> FlushPolicy:
+    return FlushPolicy(
+        usage_topic=settings.kafka.usage_topic,
+        aggregates_topic=settings.kafka.aggregates_topic,
+        balance_changes_topic=settings.kafka.balance_changes_topic,
+        meters={m.key: m for m in settings.meters},
+        window_size_ms=settings.processor.window_size_ms,
+        credit_places=settings.processor.credit_decimal_places,
+        thresholds=settings.processor.thresholds_percent,
+    )
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        dlq: DlqWriter,
+        owner: str,
+        clock: Clock = time.time,
+    ) -> None:
+        p = settings.processor
+        self.settings = settings
+        self.pool = pool
+        self.dlq = dlq
+        self.owner = owner
+        self.clock = clock
+        self.policy = policy_from(settings)
+        self.validator = EventValidator(
+            settings.meter_for_type(),
+            Limits(p.max_message_bytes, p.max_batch_events,
+                   int(p.max_lateness_days * 86_400_000), p.max_future_skew_ms),
+        )
+        self.windows = OpenWindows(p.window_size_ms, p.window_grace_ms)
+        self.epochs: dict[int, int] = {}
+        self.generations: dict[int, int] = {}
+        self._room = asyncio.Event()
+        self._room.set()
+        self.totals = FlushResult()  # running totals, for the dev summary and logs
+        self.dlq_count = 0
+        self.late_count = 0
+
+    # --- ownership -----------------------------------------------------------------
+
+    async def claim(self, partitions: Iterable[int]) -> dict[int, int]:
+        """Claim partitions in Postgres (bumping their fencing epoch); return where to resume."""
+        claims = await checkpoints.claim(self.pool, self.policy.usage_topic, partitions, self.owner)
+        for c in claims:
+            self.windows.assign(c.partition, c.next_offset)
+            self.epochs[c.partition] = c.epoch
+            self.generations[c.partition] = self.generations.get(c.partition, 0) + 1
+            metrics.CHECKPOINT_OFFSET.labels(str(c.partition)).set(c.next_offset)
+        metrics.OWNED_PARTITIONS.set(len(self.epochs))
+        log.info("claimed partitions %s", {c.partition: c.next_offset for c in claims})
+        return {c.partition: c.next_offset for c in claims}
+
+    def release(self, partitions: Iterable[int]) -> None:
+        """Forget partitions (revoked or fenced): their next owner replays from the checkpoint."""
+        for p in partitions:
+            self.windows.drop(p)
+            self.epochs.pop(p, None)
+            self.generations[p] = self.generations.get(p, 0) + 1
+        metrics.OWNED_PARTITIONS.set(len(self.epochs))
+
+    def generation(self, partition: int) -> int:
+        return self.generations.get(partition, 0)
+
+    # --- intake ----------------------------------------------------------------------
+
+    def ingest(self, run: RecordRun) -> None:
+        """Validate and window one run; rejections go to the DLQ. No I/O but DLQ produce."""
+        p = run.partition
+        if run.generation != self.generation(p) or not self.windows.owns(p):
+            return  # fetched before a re-claim/seek, or for a partition we lost
+        expected = self.windows.next_offset(p)
+        assert expected is not None
+        now_ms = int(self.clock() * 1000)
+        parse = self.validator.parse_record
+        dlq_write = self.dlq.write
+        accepted = []
+        last = expected - 1
+        for rec in run.records:
+            off = rec.offset
+            if off < expected:
+                continue  # already handled before a seek: never apply twice
+            parsed = parse(rec.value, off, now_ms)
+            if parsed.accepted:
+                accepted.extend(parsed.accepted)
+            if parsed.rejected:
+                self.dlq_count += dlq_write(p, rec.key, parsed.rejected)
+                for r in parsed.rejected:
+                    metrics.EVENTS_INVALID.labels(r.reason.value).inc()
+            last = off
+        if last < expected:
+            return
+        metrics.RECORDS_IN.inc(last - expected + 1)
+        self.windows.add(p, accepted, last + 1, now_ms)
+        if self.windows.pending_events >= self.settings.processor.max_pending_events:
+            self._room.clear()  # back-pressure: the agent waits for the next flush
+        metrics.PENDING_EVENTS.set(self.windows.pending_events)
+
+    async def wait_for_room(self) -> None:
+        await self._room.wait()
+
+    # --- flush -------------------------------------------------------------------------
+
+    async def flush_tick(self) -> FlushResult | None:
+        """Flush every closed window and advance checkpoints, in one transaction."""
+        now = self.clock()
+        closable = self.windows.take_closable(int(now * 1000))
+        if not closable.windows and not closable.checkpoints:
+            self._room.set()
+            return None
+        generations = dict(self.generations)
+        parts = {w.key.partition for w in closable.windows} | set(closable.checkpoints)
+        epochs = {p: self.epochs[p] for p in parts if p in self.epochs}
+        if len(epochs) < len(parts):  # a partition was released since the take
+            closable = _only(closable, set(epochs))
+        started = time.perf_counter()
+        try:
+            await self.dlq.settle()
+            async with self.pool.acquire() as conn:
+                result = await flush(conn, closable, epochs, self.policy,
+                                     datetime.fromtimestamp(now, UTC))
+        except FencedError as exc:
+            metrics.FENCED_FLUSHES.inc()
+            log.warning("flush fenced off: partitions %s now belong to another worker",
+                        sorted(exc.partitions))
+            self.release(exc.partitions)
+            self._restore(closable, generations)
+            return None
+        except (DlqUnavailable, asyncpg.PostgresError, OSError, asyncio.TimeoutError) as exc:
+            metrics.FLUSH_FAILURES.labels(type(exc).__name__).inc()
+            log.warning("flush failed, will retry: %r", exc)
+            self._restore(closable, generations)
+            return None
+        committed = self.clock()
+        self._record(result, closable, started, committed)
+        if self.windows.pending_events < self.settings.processor.max_pending_events:
+            self._room.set()
+        return result
+
+    def _restore(self, closable: Closable, generations: dict[int, int]) -> None:
+        still = {p for p, g in generations.items() if self.generations.get(p) == g}
+        self.windows.restore(_only(closable, still))
+        metrics.PENDING_EVENTS.set(self.windows.pending_events)
+
+    def _record(self, r: FlushResult, closable: Closable, started: float, committed: float) -> None:
+        metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
+        metrics.LAST_COMMIT_TIMESTAMP.set(committed)
+        metrics.EVENTS_DUPLICATE.inc(r.duplicates)
+        for meter, n in r.events_by_meter.items():
+            metrics.EVENTS_DEBITED.labels(meter).inc(n)
+            metrics.EVENTS_VALID.labels(meter).inc(n)
+        metrics.WINDOWS_FLUSHED.labels("regular").inc(r.aggregates - r.corrections)
+        metrics.WINDOWS_FLUSHED.labels("correction").inc(r.corrections)
+        metrics.LEDGER_DEBITS.inc(r.debits)
+        metrics.CREDITS_DEBITED.inc(float(r.credits_debited))
+        metrics.observe_many(metrics.DEBIT_LATENCY, [committed - t / 1000 for t in r.event_times_ms])
+        for p, off in closable.checkpoints.items():
+            metrics.CHECKPOINT_OFFSET.labels(str(p)).set(off)
+        late = sum(len(w.events) for w in closable.windows if w.late)
+        self.late_count += late
+        t = self.totals
+        t.events_new += r.events_new
+        t.duplicates += r.duplicates
+        t.aggregates += r.aggregates
+        t.corrections += r.corrections
+        t.debits += r.debits
+        t.credits_debited += r.credits_debited
+        r.event_times_ms = []
+
+    # --- housekeeping ------------------------------------------------------------------
+
+    async def maintain(self) -> None:
+        """Plan allocations, expiry write-offs, dedupe-horizon purge. Idempotent; any worker may run it."""
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        horizon = timedelta(hours=self.settings.processor.dedupe_horizon_hours)
+        async with self.pool.acquire() as conn:
+            made = await allocate_plan_periods(conn, self.settings, now)
+            if made:
+                metrics.LEDGER_GRANTS.labels("plan_allocation").inc(made)
+            expired = await expire_grants(conn, now, self.policy.balance_changes_topic,
+                                          self.policy.thresholds)
+            metrics.GRANTS_EXPIRED.inc(expired)
+            await conn.execute("DELETE FROM dedupe_marks WHERE seen_at < $1", now - horizon)
+            if self.settings.processor.require_known_customers:
+                rows = await conn.fetch("SELECT id FROM customers")
+                self.validator.known_customers = {r["id"] for r in rows}
+
+
+def _only(closable: Closable, partitions: set[int]) -> Closable:
+    return Closable(
+        tuple(w for w in closable.windows if w.key.partition in partitions),
+        {p: o for p, o in closable.checkpoints.items() if p in partitions},
+    )
+
