@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 
 from meterline.core.events import Quantity
 from meterline.core.windows import as_decimal
@@ -22,13 +22,21 @@ from meterline.core.windows import as_decimal
 ZERO = Decimal(0)
 
 
+_EXACT = Context(prec=60)  # room for any sum of capped quantities times any price
+
+
 def round_credits(amount: Decimal, places: int) -> Decimal:
     """Half-even (banker's) rounding to `places` decimals; exact for already-short values."""
-    return amount.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN)
+    return amount.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN, context=_EXACT)
+
+
+def decimal_text(amount: Decimal) -> str:
+    """Plain decimal notation for messages ("0.000002", never "2E-6")."""
+    return format(amount, "f")
 
 
 def debit_for(quantity: Quantity, credits_per_unit: Decimal, places: int) -> Decimal:
-    return round_credits(as_decimal(quantity) * credits_per_unit, places)
+    return round_credits(_EXACT.multiply(as_decimal(quantity), credits_per_unit), places)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +128,9 @@ class BalanceChange:
         """The `billing.balance-changes` payload (schemas/balance-change.schema.json)."""
         return {
             "customer": self.customer,
-            "balance_before": str(self.balance_before),
-            "balance_after": str(self.balance_after),
-            "delta": str(self.delta),
+            "balance_before": decimal_text(self.balance_before),
+            "balance_after": decimal_text(self.balance_after),
+            "delta": decimal_text(self.delta),
             "reason": self.reason,
             "ledger_entry_id": self.ledger_entry_ids[-1] if self.ledger_entry_ids else None,
             "ledger_entry_ids": list(self.ledger_entry_ids),

@@ -87,17 +87,26 @@ def dedupe_key(source: str, event_id: str) -> bytes:
 
 def parse_time_ms(text: str) -> int:
     """RFC 3339 timestamp with an explicit offset -> epoch milliseconds, exactly."""
-    dt = datetime.fromisoformat(text)
+    dt = datetime.fromisoformat(text.upper())  # RFC 3339 allows lower-case "t" and "z"
     if dt.tzinfo is None:
         raise ValueError("timestamp has no UTC offset")
     return (dt - EPOCH) // _MS
 
 
+# One event's quantity may not exceed this: far above any real usage, and it keeps
+# window sums times prices well inside Decimal's 28 significant digits.
+MAX_QUANTITY = Decimal(10) ** 15
+# JSON numbers arrive as binary floats; beyond 15 significant digits the decimal
+# the producer wrote may not survive, and billing must be exact, so such values
+# must be sent as strings.
+_FLOAT_DIGITS = 15
+
+
 def to_quantity(raw: Any) -> Quantity:
-    """A JSON number or numeric string -> exact int/Decimal; raises ValueError if not >= 0 finite.
+    """A JSON number or numeric string -> exact int/Decimal; raises ValueError if not valid.
 
     Floats go through their shortest repr, so `0.1` becomes Decimal("0.1"), not
-    0.1000000000000000055…
+    0.1000000000000000055…; a float with more digits than a double keeps is refused.
     """
     if isinstance(raw, bool):
         raise ValueError("boolean is not a quantity")
@@ -107,6 +116,8 @@ def to_quantity(raw: Any) -> Quantity:
         if not math.isfinite(raw):
             raise ValueError("not finite")
         value = Decimal(repr(raw))
+        if len(value.as_tuple().digits) > _FLOAT_DIGITS:
+            raise ValueError("number has more digits than JSON numbers keep exactly; send a string")
     elif isinstance(raw, str):
         try:
             value = Decimal(raw)
@@ -118,6 +129,8 @@ def to_quantity(raw: Any) -> Quantity:
         raise ValueError(f"{type(raw).__name__} is not a number")
     if value < 0:
         raise ValueError("negative")
+    if value > MAX_QUANTITY:
+        raise ValueError(f"larger than {MAX_QUANTITY:.0e}")
     return value
 
 

@@ -179,7 +179,7 @@ class Pipeline:
             self.release(exc.partitions)
             self._restore(closable, generations)
             return None
-        except (DlqUnavailable, asyncpg.PostgresError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, DlqUnavailable, asyncpg.PostgresError, OSError) as exc:
             metrics.FLUSH_FAILURES.labels(type(exc).__name__).inc()
             log.warning("flush failed, will retry: %r", exc)
             self._restore(closable, generations)

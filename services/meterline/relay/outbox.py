@@ -112,7 +112,7 @@ class OutboxRelay:
             if n < self.batch_size:
                 try:
                     await asyncio.wait_for(stop.wait(), backoff)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
 

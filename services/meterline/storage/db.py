@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from importlib import resources
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -11,6 +12,11 @@ log = logging.getLogger(__name__)
 
 # Any number: the advisory lock that serialises concurrent `meterline migrate` runs.
 _MIGRATION_LOCK = 0x6D65746572
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same server and credentials as `dsn`, another database (keeps ?host=... for sockets)."""
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{database}"))
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:

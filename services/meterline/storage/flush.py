@@ -33,9 +33,9 @@ import asyncpg
 import orjson
 
 from meterline.config import MeterConfig
-from meterline.core.credits import BalanceChange, Grant, burn_down, debit_for
+from meterline.core.credits import BalanceChange, Grant, burn_down, debit_for, decimal_text
 from meterline.core.events import EPOCH, UsageEvent
-from meterline.core.windows import Closable, WindowBuffer, WindowValue, fold
+from meterline.core.windows import Closable, WindowBuffer, WindowValue, as_decimal, fold
 from meterline.storage.checkpoints import check_epochs, store_offsets
 
 
@@ -230,7 +230,7 @@ async def _aggregate(
         if prev_row is not None:
             seq = prev_row["seq"] + 1
             prev = WindowValue(prev_row["window_value"],
-                               (prev_row["value_time_ms"] or 0, prev_row["value_offset"] or -1))
+                               (prev_row["value_time_ms"], prev_row["value_offset"]))
         value, quantity = fold(meter.aggregation, evs, prev)
         credits = debit_for(quantity, meter.credits_per_unit, policy.credit_places)
         aggregates.append(_Aggregate(aggregate_id(*k, seq), w, seq, value, quantity, credits, evs))
@@ -340,9 +340,9 @@ async def _write_outbox(
             "window_end": ms_to_dt(k.start_ms + size).isoformat(),
             "seq": a.seq,
             "correction": a.seq > 0,
-            "quantity": str(a.quantity),
-            "window_value": str(a.value.quantity),
-            "credits": str(a.credits),
+            "quantity": decimal_text(as_decimal(a.quantity)),
+            "window_value": decimal_text(as_decimal(a.value.quantity)),
+            "credits": decimal_text(a.credits),
             "event_count": len(a.events),
         }))
     for c in changes:
