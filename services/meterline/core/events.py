@@ -108,6 +108,8 @@ def to_quantity(raw: Any) -> Quantity:
     Floats go through their shortest repr, so `0.1` becomes Decimal("0.1"), not
     0.1000000000000000055…; a float with more digits than a double keeps is refused.
     """
+    if type(raw) is int and 0 <= raw <= MAX_QUANTITY:  # the common case, first
+        return raw
     if isinstance(raw, bool):
         raise ValueError("boolean is not a quantity")
     if isinstance(raw, int):
@@ -115,8 +117,10 @@ def to_quantity(raw: Any) -> Quantity:
     elif isinstance(raw, float):
         if not math.isfinite(raw):
             raise ValueError("not finite")
-        value = Decimal(repr(raw))
-        if len(value.as_tuple().digits) > _FLOAT_DIGITS:
+        text = repr(raw)
+        value = Decimal(text)
+        # len(text) <= 16 without an exponent means at most 15 digits; else count them
+        if (len(text) > 16 or "e" in text) and len(value.as_tuple().digits) > _FLOAT_DIGITS:
             raise ValueError("number has more digits than JSON numbers keep exactly; send a string")
     elif isinstance(raw, str):
         try:
@@ -147,6 +151,7 @@ class EventValidator:
         self._limits = limits
         # None = any customer accepted; a set = only these (require_known_customers).
         self.known_customers = known_customers
+        self._times: dict[str, int] = {}
 
     def parse_record(self, value: bytes | None, offset: int, now_ms: int) -> ParsedRecords:
         """Parse one Kafka message: a single event or a CloudEvents JSON batch (array)."""
@@ -200,11 +205,10 @@ class EventValidator:
             raise _Invalid(Reason.INVALID_ENVELOPE, "specversion must be \"1.0\"")
         source, event_id, event_type, subject = (
             doc.get("source"), doc.get("id"), doc.get("type"), doc.get("subject"))
-        for name, attr in (("source", source), ("id", event_id), ("type", event_type), ("subject", subject)):
-            if not isinstance(attr, str) or not attr or len(attr) > 512:
-                raise _Invalid(Reason.INVALID_ENVELOPE, f"{name} must be a non-empty string (max 512)")
-        assert isinstance(source, str) and isinstance(event_id, str)
-        assert isinstance(event_type, str) and isinstance(subject, str)
+        if not (type(source) is str and type(event_id) is str and type(event_type) is str
+                and type(subject) is str and 0 < len(source) <= 512 and 0 < len(event_id) <= 512
+                and 0 < len(event_type) <= 512 and 0 < len(subject) <= 512):
+            raise _Invalid(Reason.INVALID_ENVELOPE, _envelope_problem(doc))
         meter = self._meters.get(event_type)
         if meter is None:
             raise _Invalid(Reason.UNKNOWN_METER, f"no meter for type {event_type!r}")
@@ -213,10 +217,15 @@ class EventValidator:
         time_text = doc.get("time")
         if not isinstance(time_text, str):
             raise _Invalid(Reason.INVALID_TIME, "time must be an RFC 3339 string")
-        try:
-            time_ms = parse_time_ms(time_text)
-        except ValueError as exc:
-            raise _Invalid(Reason.INVALID_TIME, f"time {time_text!r}: {exc}") from None
+        time_ms = self._times.get(time_text)
+        if time_ms is None:
+            try:
+                time_ms = parse_time_ms(time_text)
+            except ValueError as exc:
+                raise _Invalid(Reason.INVALID_TIME, f"time {time_text!r}: {exc}") from None
+            if len(self._times) > 50_000:  # producers batch events sharing timestamps
+                self._times.clear()
+            self._times[time_text] = time_ms
         if time_ms < now_ms - self._limits.max_lateness_ms:
             raise _Invalid(Reason.TOO_OLD, f"time {time_text} is older than the maximum lateness")
         if time_ms > now_ms + self._limits.max_future_skew_ms:
@@ -232,6 +241,14 @@ class EventValidator:
             except ValueError as exc:
                 raise _Invalid(Reason.INVALID_VALUE, f"data.{meter.value_property}: {exc}") from None
         return UsageEvent(dedupe_key(source, event_id), subject, meter.key, time_ms, value, offset)
+
+
+def _envelope_problem(doc: dict[str, Any]) -> str:
+    for name in ("source", "id", "type", "subject"):
+        attr = doc.get(name)
+        if not isinstance(attr, str) or not attr or len(attr) > 512:
+            return f"{name} must be a non-empty string (max 512)"
+    return "invalid attributes"
 
 
 class _Invalid(Exception):

@@ -65,7 +65,9 @@ class OpenWindows:
     def __init__(self, size_ms: int, grace_ms: int) -> None:
         self.size_ms = size_ms
         self.grace_ms = grace_ms
-        self._buffers: dict[tuple[WindowKey, bool], WindowBuffer] = {}
+        # keyed by the plain tuple (partition, customer, meter, start_ms, late): tuple hashing
+        # is C-fast, and a WindowKey is built only when a buffer is created
+        self._buffers: dict[tuple[int, str, str, int, bool], WindowBuffer] = {}
         self._next_offset: dict[int, int] = {}  # partition -> offset after the last ingested record
         self._dirty: set[int] = set()  # partitions whose checkpoint moved since the last take
         self.pending_events = 0
@@ -80,7 +82,7 @@ class OpenWindows:
 
     def drop(self, partition: int) -> None:
         """Forget a partition (revoked, or fenced): its owner will replay from the durable checkpoint."""
-        for k in [k for k in self._buffers if k[0].partition == partition]:
+        for k in [k for k in self._buffers if k[0] == partition]:
             self.pending_events -= len(self._buffers.pop(k).events)
         self._next_offset.pop(partition, None)
         self._dirty.discard(partition)
@@ -95,13 +97,14 @@ class OpenWindows:
         """Buffer accepted events of records up to `next_offset - 1` of `partition`."""
         size, buffers = self.size_ms, self._buffers
         n = 0
+        closed_before = now_ms - size - self.grace_ms  # windows starting at or before this are closed
         for ev in events:
             start = ev.time_ms - ev.time_ms % size
-            key = WindowKey(partition, ev.customer, ev.meter, start)
-            late = now_ms >= start + size + self.grace_ms
-            buf = buffers.get((key, late))
+            late = start <= closed_before
+            k = (partition, ev.customer, ev.meter, start, late)
+            buf = buffers.get(k)
             if buf is None:
-                buf = buffers[(key, late)] = WindowBuffer(key, late)
+                buf = buffers[k] = WindowBuffer(WindowKey(partition, ev.customer, ev.meter, start), late)
             buf.events.append(ev)
             if ev.offset < buf.min_offset:
                 buf.min_offset = ev.offset
@@ -140,9 +143,10 @@ class OpenWindows:
         for buf in closable.windows:
             if not self.owns(buf.key.partition):
                 continue  # partition moved away meanwhile: the new owner replays it
-            mine = self._buffers.get((buf.key, buf.late))
+            k = (buf.key.partition, buf.key.customer, buf.key.meter, buf.key.start_ms, buf.late)
+            mine = self._buffers.get(k)
             if mine is None:
-                self._buffers[(buf.key, buf.late)] = buf
+                self._buffers[k] = buf
             else:
                 mine.events[:0] = buf.events
                 mine.min_offset = min(mine.min_offset, buf.min_offset)
@@ -151,6 +155,10 @@ class OpenWindows:
 
     def open_window_count(self) -> int:
         return len(self._buffers)
+
+    def buffers(self) -> list[WindowBuffer]:
+        """The buffers still waiting (for inspection: views and tests)."""
+        return list(self._buffers.values())
 
 
 # --- Aggregation -----------------------------------------------------------------

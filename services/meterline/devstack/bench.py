@@ -188,8 +188,8 @@ def run_baseline(bootstrap: str, events: int, workdir: Path) -> dict[str, Any]:
         capture_output=True, text=True, timeout=300, cwd=workdir,
     )
     for line in reversed(out.stdout.splitlines()):
-        if line.startswith("{"):
-            result: dict[str, Any] = orjson.loads(line)
+        if "{" in line:  # Faust's spinner may prefix the line with terminal escapes
+            result: dict[str, Any] = orjson.loads(line[line.index("{"):])
             return result
     raise RuntimeError(f"baseline printed no result: {out.stderr[-2000:]}")
 
@@ -210,10 +210,16 @@ async def _main(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: 
         pg = stack.enter_context(EmbeddedPostgres(workdir / "postgres"))
         server_dsn = pg.server_dsn
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
-    results["single"] = await run_shape("single", 0, args.single_rate, args, bootstrap, server_dsn, workdir)
-    results["batch"] = await run_shape("batch", 200, args.batch_rate, args, bootstrap, server_dsn, workdir)
+    for shape, batch, rate in (("single", 0, args.single_rate), ("batch", 200, args.batch_rate)):
+        results[shape] = await run_shape(shape, batch, rate, args, bootstrap, server_dsn, workdir)
+        print(orjson.dumps(results[shape]).decode(), file=sys.stderr)
     if not args.skip_baseline:
-        base = await asyncio.to_thread(run_baseline, bootstrap, args.baseline_events, workdir)
+        try:
+            base = await asyncio.to_thread(run_baseline, bootstrap, args.baseline_events, workdir)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            results["naive_faust_baseline"] = {"error": str(exc)[:500]}
+            base = None
+    if not args.skip_baseline and base is not None:
         results["naive_faust_baseline"] = base
         results["single_vs_baseline_ratio"] = round(
             results["single"]["events_per_second"] / max(base["events_per_second"], 1e-9), 1)

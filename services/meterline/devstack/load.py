@@ -11,6 +11,7 @@ independently of the pipeline, so a run can check the ledger exactly.
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import threading
 import time
@@ -69,7 +70,8 @@ class LoadGenerator:
         if not self.meters:
             raise ValueError("the load generator needs at least one meter in the config")
         self.customers = customers
-        self.weights = [1 / (i + 1) ** 0.8 for i in range(len(customers))]
+        # Cumulative weights, computed once: choices() with plain weights re-sums them per call.
+        self.cum_weights = list(itertools.accumulate(1 / (i + 1) ** 0.8 for i in range(len(customers))))
         self.batch_size = batch_size
         self.p_dup, self.p_late, self.p_invalid = duplicates, late, invalid
         self.rng = random.Random(seed)
@@ -107,7 +109,7 @@ class LoadGenerator:
 
     def make_event(self, now_ms: int, late: bool = False) -> tuple[str, bytes]:
         """One valid event; records what it must cost."""
-        customer = self.rng.choices(self.customers, self.weights)[0]
+        customer = self.rng.choices(self.customers, cum_weights=self.cum_weights)[0]
         meter = self.rng.choice(self.meters)
         self._seq += 1
         # Late: half land in windows flushed seconds ago (-> correction aggregates), half hours back.

@@ -432,8 +432,8 @@ def test_any_batching_and_take_schedule_yields_every_event_exactly_once(
                 assert (e.customer, e.meter) == (buf.key.customer, buf.key.meter)
         taken.extend(taken_events(closable))
         buffered = {0: [], 1: []}  # offsets still waiting after this take
-        for key_late, buf in w._buffers.items():  # noqa: SLF001 - white-box invariant check
-            buffered[key_late[0].partition].extend(e.offset for e in buf.events)
+        for buf in w.buffers():
+            buffered[buf.key.partition].extend(e.offset for e in buf.events)
         for p, cp in closable.checkpoints.items():
             assert cp >= committed[p]  # checkpoints never go back
             assert all(cp <= o for o in buffered[p])  # and never skip a buffered event
