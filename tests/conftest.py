@@ -19,12 +19,15 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
+from meterline.config import Settings
 from meterline.devstack.embedded import EmbeddedKafka, EmbeddedPostgres
 
 
@@ -127,7 +130,80 @@ async def fresh_database(database_url: str) -> AsyncIterator[str]:
             await conn.close()
 
 
-# --- migrated_database goes here ----------------------------------------------
-# A function-scoped fixture that takes `fresh_database`, applies the schema with
-# `meterline.storage.migrate` and yields the DSN. Owned by the storage work; not
-# defined here because that module does not exist yet.
+# --- Migrated database and pipeline settings ------------------------------------
+
+
+@pytest.fixture
+async def migrated_database(fresh_database: str) -> AsyncIterator[str]:
+    """`fresh_database` with meterline's schema applied (``meterline.storage.db.migrate``)."""
+    from meterline.storage.db import migrate
+
+    await migrate(fresh_database)
+    yield fresh_database
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@pytest.fixture
+def pipeline_settings(
+    kafka_bootstrap: str,
+    migrated_database: str,
+    unique_topic_prefix: str,
+    tmp_path: Path,
+) -> Callable[..., Settings]:
+    """Factory: ``pipeline_settings(customers=20, processor={...}, ...) -> Settings``.
+
+    The shipped dev config, pointed at the test broker and the migrated test
+    database, with this test's own topics (created here) and consumer group,
+    short windows and a short session timeout. Keyword sections are merged
+    over those defaults (``customers=`` takes a count of demo customers from
+    ``meterline.devstack.dev.write_config`` or an explicit list). Every call
+    writes its config to ``tmp_path/meterline-<n>.yaml`` as well.
+    """
+    from meterline.config import load_settings
+    from meterline.devstack.dev import write_config
+    from meterline.devstack.topics import ensure_topics
+
+    made: list[Settings] = []
+
+    def make(customers: int | list[dict[str, Any]] = 20, **sections: Any) -> Settings:
+        prefix = unique_topic_prefix
+        overrides = _deep_merge({
+            "database_url": migrated_database,
+            "kafka": {
+                "bootstrap_servers": kafka_bootstrap,
+                "usage_topic": f"{prefix}usage.events",
+                "usage_dlq_topic": f"{prefix}usage.events.dlq",
+                "aggregates_topic": f"{prefix}usage.aggregates",
+                "balance_changes_topic": f"{prefix}billing.balance-changes",
+                "consumer_group": f"{prefix}processor",
+                "session_timeout_ms": 6000,
+            },
+            "processor": {
+                "window_size_ms": 1000,
+                "window_grace_ms": 300,
+                "flush_interval_ms": 100,
+                "metrics_port": 0,
+            },
+        }, sections)
+        if not isinstance(customers, int):
+            overrides["customers"] = customers
+        path = write_config(tmp_path, kafka_bootstrap, migrated_database,
+                            customers if isinstance(customers, int) else 0, overrides)
+        path = path.rename(tmp_path / f"meterline-{len(made)}.yaml")
+        # Explicit overrides win over DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS / METERLINE_*
+        # in the environment: the test's own database and topics, whatever the shell says.
+        settings = load_settings(path, **overrides)
+        ensure_topics(settings)
+        made.append(settings)
+        return settings
+
+    return make

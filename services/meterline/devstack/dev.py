@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import deque
 from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib import resources
@@ -248,8 +249,8 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
     started = time.monotonic()
     sender = asyncio.create_task(asyncio.to_thread(gen.run, args.rate, args.duration, stop))
     interrupted = False
-    last = (started, 0)
-    rate = 0.0
+    # debits land per window, so the rate is taken over a sliding 10 s
+    history: deque[tuple[float, int]] = deque(maxlen=11)
     try:
         while not sender.done():
             await asyncio.sleep(1)
@@ -257,8 +258,9 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
             if not args.headless:
                 snap = await snapshot(pool)
                 now = time.monotonic()
-                rate = (snap.events_debited - last[1]) / max(now - last[0], 1e-9)
-                last = (now, snap.events_debited)
+                history.append((now, snap.events_debited))
+                (t_old, n_old), (t_new, n_new) = history[0], history[-1]
+                rate = (n_new - n_old) / max(t_new - t_old, 1e-9)
                 m = scrape(settings.processor.metrics_port)
                 print(render(now - started, gen, snap, rate, m), flush=True)
     except (KeyboardInterrupt, asyncio.CancelledError):
