@@ -107,6 +107,22 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
     histogram._sum.inc(sum(values))  # noqa: SLF001
 
 
+def observe_counts(histogram: Histogram, counted: Sequence[tuple[float, int]]) -> None:
+    """Like observe_many, for (value, how many times) pairs."""
+    bounds = histogram._upper_bounds  # noqa: SLF001 - see observe_many
+    counts = [0] * len(bounds)
+    total = 0.0
+    for v, n in counted:
+        if v == v:
+            counts[bisect_left(bounds, v)] += n
+        total += v * n
+    for bucket, n in zip(histogram._buckets, counts, strict=True):  # noqa: SLF001
+        if n:
+            bucket.inc(n)
+    if counted:
+        histogram._sum.inc(total)  # noqa: SLF001
+
+
 def serve(port: int) -> None:
     """Expose /metrics on `port` (0 = don't serve)."""
     if port:

@@ -36,14 +36,40 @@ class WindowKey:
     start_ms: int
 
 
+TIME_BUCKET_MS = 250  # resolution of the event-time counts kept for the latency histogram
+
+
 @dataclass(slots=True)
 class WindowBuffer:
-    """Events of one window waiting for their flush."""
+    """Events of one window waiting for their flush, deduplicated within the window.
+
+    `total`, the offset range and the event-time counts are kept as events
+    arrive, so a flush that finds no duplicates in Postgres does no per-event work.
+    """
 
     key: WindowKey
     late: bool  # opened after the window had closed: becomes a correction aggregate
     events: list[UsageEvent] = field(default_factory=list)
+    keys: set[bytes] = field(default_factory=set)
+    total: Quantity = 0
     min_offset: int = 2**63
+    max_offset: int = -1
+    time_counts: dict[int, int] = field(default_factory=dict)  # event time // TIME_BUCKET_MS
+
+    def add(self, ev: UsageEvent) -> bool:
+        """Add an event; False if this window already holds its dedupe key."""
+        if ev.dedupe_key in self.keys:
+            return False
+        self.keys.add(ev.dedupe_key)
+        self.events.append(ev)
+        self.total += ev.value
+        if ev.offset < self.min_offset:
+            self.min_offset = ev.offset
+        if ev.offset > self.max_offset:
+            self.max_offset = ev.offset
+        bucket = ev.time_ms // TIME_BUCKET_MS
+        self.time_counts[bucket] = self.time_counts.get(bucket, 0) + 1
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +97,7 @@ class OpenWindows:
         self._next_offset: dict[int, int] = {}  # partition -> offset after the last ingested record
         self._dirty: set[int] = set()  # partitions whose checkpoint moved since the last take
         self.pending_events = 0
+        self.duplicates_dropped = 0  # within-window duplicates, dropped on arrival
 
     def closes_at_ms(self, start_ms: int) -> int:
         return start_ms + self.size_ms + self.grace_ms
@@ -105,10 +132,10 @@ class OpenWindows:
             buf = buffers.get(k)
             if buf is None:
                 buf = buffers[k] = WindowBuffer(WindowKey(partition, ev.customer, ev.meter, start), late)
-            buf.events.append(ev)
-            if ev.offset < buf.min_offset:
-                buf.min_offset = ev.offset
-            n += 1
+            if buf.add(ev):
+                n += 1
+            else:
+                self.duplicates_dropped += 1
         self.pending_events += n
         self.advance(partition, next_offset)
 
@@ -147,10 +174,13 @@ class OpenWindows:
             mine = self._buffers.get(k)
             if mine is None:
                 self._buffers[k] = buf
-            else:
-                mine.events[:0] = buf.events
-                mine.min_offset = min(mine.min_offset, buf.min_offset)
-            self.pending_events += len(buf.events)
+                self.pending_events += len(buf.events)
+            else:  # events arrived for this window since the take: merge, restored ones first
+                before = len(mine.events)
+                for ev in mine.events:
+                    buf.add(ev)
+                self._buffers[k] = buf
+                self.pending_events += len(buf.events) - before
         self._dirty |= {p for p in closable.checkpoints if self.owns(p)}
 
     def open_window_count(self) -> int:
@@ -173,7 +203,10 @@ class WindowValue:
 
 
 def fold(
-    aggregation: Aggregation, events: Sequence[UsageEvent], previous: WindowValue | None
+    aggregation: Aggregation,
+    events: Sequence[UsageEvent],
+    previous: WindowValue | None,
+    total: Quantity | None = None,
 ) -> tuple[WindowValue, Quantity]:
     """Fold new (deduplicated) events into a window; return its new value and the delta to bill.
 
@@ -184,7 +217,8 @@ def fold(
     if not events:
         return previous or WindowValue(0), 0
     if aggregation in ("sum", "count"):
-        total: Quantity = sum((e.value for e in events), start=0)
+        if total is None:  # a buffer passes its running total
+            total = sum((e.value for e in events), start=0)
         base = previous.quantity if previous else 0
         return WindowValue(base + total, previous.at if previous else (0, -1)), total
     if aggregation == "max":

@@ -182,7 +182,7 @@ def render(elapsed: float, gen: LoadGenerator, snap: Snapshot, rate: float,
         "",
         f"  sent     {st.events_sent:>10,} events   {st.duplicates_sent:>8,} duplicates"
         f"   {st.late_events:>7,} late   {st.invalid_sent:>6,} invalid",
-        f"  debited  {snap.events_debited:>10,} events   {rate:>10,.0f} events/s"
+        f"  debited  {snap.events_debited:>10,} events   {rate:>10,.0f} events/s (10 s avg)"
         f"   corrections {snap.corrections:,}",
         f"  DLQ      {dlq:>10,} messages   outbox backlog {snap.outbox_backlog:,}"
         f"   consumer lag {int(m.get('meterline_consumer_lag_messages', 0)):,}",

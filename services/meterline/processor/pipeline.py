@@ -21,7 +21,7 @@ import asyncpg
 from meterline import metrics
 from meterline.config import Settings
 from meterline.core.events import EventValidator, Limits
-from meterline.core.windows import Closable, OpenWindows
+from meterline.core.windows import TIME_BUCKET_MS, Closable, OpenWindows
 from meterline.processor.dlq import DlqUnavailable, DlqWriter
 from meterline.storage import checkpoints
 from meterline.storage.checkpoints import FencedError
@@ -198,7 +198,8 @@ class Pipeline:
     def _record(self, r: FlushResult, closable: Closable, started: float, committed: float) -> None:
         metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
         metrics.LAST_COMMIT_TIMESTAMP.set(committed)
-        metrics.EVENTS_DUPLICATE.inc(r.duplicates)
+        metrics.EVENTS_DUPLICATE.inc(r.duplicates + self.windows.duplicates_dropped)
+        self.windows.duplicates_dropped = 0
         for meter, n in r.events_by_meter.items():
             metrics.EVENTS_DEBITED.labels(meter).inc(n)
             metrics.EVENTS_VALID.labels(meter).inc(n)
@@ -206,7 +207,9 @@ class Pipeline:
         metrics.WINDOWS_FLUSHED.labels("correction").inc(r.corrections)
         metrics.LEDGER_DEBITS.inc(r.debits)
         metrics.CREDITS_DEBITED.inc(float(r.credits_debited))
-        metrics.observe_many(metrics.DEBIT_LATENCY, [committed - t / 1000 for t in r.event_times_ms])
+        half = TIME_BUCKET_MS / 2000  # bucket midpoint, seconds
+        metrics.observe_counts(metrics.DEBIT_LATENCY, [
+            (committed - b * TIME_BUCKET_MS / 1000 - half, n) for b, n in r.time_counts.items()])
         for p, off in closable.checkpoints.items():
             metrics.CHECKPOINT_OFFSET.labels(str(p)).set(off)
         late = sum(len(w.events) for w in closable.windows if w.late)
@@ -218,7 +221,7 @@ class Pipeline:
         t.corrections += r.corrections
         t.debits += r.debits
         t.credits_debited += r.credits_debited
-        r.event_times_ms = []
+        r.time_counts.clear()
 
     # --- housekeeping ------------------------------------------------------------------
 

@@ -23,18 +23,19 @@ previous checkpoint, where step 2 drops what had already been applied.
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from itertools import chain
 
 import asyncpg
 import orjson
 
 from meterline.config import MeterConfig
 from meterline.core.credits import BalanceChange, Grant, burn_down, debit_for, decimal_text
-from meterline.core.events import EPOCH, UsageEvent
+from meterline.core.events import EPOCH
 from meterline.core.windows import Closable, WindowBuffer, WindowValue, as_decimal, fold
 from meterline.storage.checkpoints import check_epochs, store_offsets
 
@@ -61,8 +62,8 @@ class FlushResult:
     thresholds_crossed: int = 0
     # per meter: events debited, for metrics
     events_by_meter: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    # event times (ms) of the debited events, for the event-time -> commit latency histogram
-    event_times_ms: list[int] = field(default_factory=list)
+    # debited events per event-time bucket (TIME_BUCKET_MS), for the latency histogram
+    time_counts: Counter[int] = field(default_factory=Counter)
 
 
 def aggregate_id(customer: str, meter: str, start_ms: int, seq: int) -> str:
@@ -144,12 +145,11 @@ INSERT INTO outbox (topic, key, payload) SELECT * FROM unnest($1::text[], $2::te
 @dataclass(slots=True)
 class _Aggregate:
     id: str
-    window: WindowBuffer
+    window: WindowBuffer  # its events are the new (deduplicated) ones
     seq: int
     value: WindowValue
     quantity: Decimal | int
     credits: Decimal
-    events: list[UsageEvent]
 
 
 async def flush(
@@ -178,41 +178,58 @@ async def flush(
 
 async def _dedupe(
     conn: asyncpg.Connection, windows: Sequence[WindowBuffer], result: FlushResult
-) -> list[tuple[WindowBuffer, list[UsageEvent]]]:
-    """Drop duplicates within the flush, then those Postgres has already seen."""
-    first: dict[bytes, UsageEvent] = {}
-    total = 0
-    for w in windows:
-        total += len(w.events)
-        for ev in w.events:
-            first.setdefault(ev.dedupe_key, ev)
-    new_keys = {r[0] for r in await conn.fetch(INSERT_MARKS, list(first))} if first else set()
+) -> list[WindowBuffer]:
+    """Insert every event's dedupe mark; keep only the events whose mark was new.
+
+    Buffers are already deduplicated within themselves. When Postgres inserts
+    as many marks as it was given, nothing was a duplicate (neither of an
+    earlier flush nor across buffers of this one) and the buffers are used as
+    they are; otherwise each event is kept only if its key was new and not
+    already kept by an earlier buffer (first wins).
+    """
+    keys = list(chain.from_iterable(w.keys for w in windows))
+    rows = await conn.fetch(INSERT_MARKS, keys) if keys else []
+    result.events_new = len(rows)
+    result.duplicates = len(keys) - len(rows)
+    if len(rows) == len(keys):
+        return list(windows)
+    new_keys = {r[0] for r in rows}
     out = []
     for w in windows:
-        kept = [ev for ev in w.events if ev.dedupe_key in new_keys and first[ev.dedupe_key] is ev]
-        if kept:
-            out.append((w, kept))
-    result.events_new = len(new_keys)
-    result.duplicates = total - len(new_keys)
+        if w.keys <= new_keys:
+            new_keys -= w.keys
+            out.append(w)
+            continue
+        kept = WindowBuffer(w.key, w.late)
+        for ev in w.events:
+            if ev.dedupe_key in new_keys:
+                new_keys.discard(ev.dedupe_key)
+                kept.add(ev)
+        if kept.events:
+            out.append(kept)
     return out
 
 
 async def _aggregate(
     conn: asyncpg.Connection,
-    fresh: list[tuple[WindowBuffer, list[UsageEvent]]],
+    fresh: list[WindowBuffer],
     policy: FlushPolicy,
     result: FlushResult,
 ) -> list[_Aggregate]:
     if not fresh:
         return []
-    # A window can appear twice in one flush (its regular buffer and a late one): merge them.
-    merged: dict[tuple[str, str, int], tuple[WindowBuffer, list[UsageEvent]]] = {}
-    for w, evs in fresh:
+    # A window can appear twice in one flush (its regular and its late buffer, or two
+    # partitions when a producer mis-keyed): one aggregate per window.
+    merged: dict[tuple[str, str, int], WindowBuffer] = {}
+    for w in fresh:
         k = (w.key.customer, w.key.meter, w.key.start_ms)
         if k in merged:
-            merged[k][1].extend(evs)
+            both = WindowBuffer(merged[k].key, merged[k].late)
+            for ev in chain(merged[k].events, w.events):
+                both.add(ev)
+            merged[k] = both
         else:
-            merged[k] = (w, list(evs))
+            merged[k] = w
     keys = list(merged)
     rows = await conn.fetch(
         PREVIOUS_VALUES, [k[0] for k in keys], [k[1] for k in keys], [ms_to_dt(k[2]) for k in keys]
@@ -222,7 +239,7 @@ async def _aggregate(
         for r in rows
     }
     aggregates = []
-    for k, (w, evs) in merged.items():
+    for k, w in merged.items():
         meter = policy.meters[k[1]]
         prev_row = previous.get(k)
         prev = None
@@ -231,11 +248,12 @@ async def _aggregate(
             seq = prev_row["seq"] + 1
             prev = WindowValue(prev_row["window_value"],
                                (prev_row["value_time_ms"], prev_row["value_offset"]))
-        value, quantity = fold(meter.aggregation, evs, prev)
+        value, quantity = fold(meter.aggregation, w.events, prev, total=w.total)
         credits = debit_for(quantity, meter.credits_per_unit, policy.credit_places)
-        aggregates.append(_Aggregate(aggregate_id(*k, seq), w, seq, value, quantity, credits, evs))
-        result.events_by_meter[meter.key] += len(evs)
-        result.event_times_ms.extend(e.time_ms for e in evs)
+        aggregates.append(_Aggregate(aggregate_id(*k, seq), w, seq, value, quantity, credits))
+        result.events_by_meter[meter.key] += len(w.events)
+        for bucket, n in w.time_counts.items():
+            result.time_counts[bucket] += n
         result.corrections += seq > 0
     result.aggregates = len(aggregates)
     return aggregates
@@ -247,10 +265,11 @@ async def _insert_aggregates(
     size = policy.window_size_ms
     cols: list[list[object]] = [[] for _ in range(15)]
     for a in aggregates:
-        k = a.window.key
+        w = a.window
+        k = w.key
         row = (a.id, k.customer, k.meter, ms_to_dt(k.start_ms), ms_to_dt(k.start_ms + size), a.seq,
-               a.quantity, a.value.quantity, a.value.at[0], a.value.at[1], len(a.events), a.credits,
-               k.partition, min(e.offset for e in a.events), max(e.offset for e in a.events))
+               a.quantity, a.value.quantity, a.value.at[0], a.value.at[1], len(w.events), a.credits,
+               k.partition, w.min_offset, w.max_offset)
         for col, v in zip(cols, row, strict=True):
             col.append(v)
     await conn.execute(INSERT_AGGREGATES, *cols)
@@ -343,7 +362,7 @@ async def _write_outbox(
             "quantity": decimal_text(as_decimal(a.quantity)),
             "window_value": decimal_text(as_decimal(a.value.quantity)),
             "credits": decimal_text(a.credits),
-            "event_count": len(a.events),
+            "event_count": len(a.window.events),
         }))
     for c in changes:
         topics.append(policy.balance_changes_topic)
