@@ -15,6 +15,7 @@ Invariants kept here:
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -49,8 +50,13 @@ class WindowBuffer:
 
     key: WindowKey
     late: bool  # opened after the window had closed: becomes a correction aggregate
+    # Dedupe reservations (storage/dedupe.py): events[:reserved] hold reserved marks
+    # under one of `tokens`; new reservations use `token`. The flush confirms `tokens`.
+    token: int = 0
     events: list[UsageEvent] = field(default_factory=list)
     keys: set[bytes] = field(default_factory=set)
+    reserved: int = 0
+    tokens: set[int] = field(default_factory=set)
     total: Quantity = 0
     min_offset: int = 2**63
     max_offset: int = -1
@@ -71,6 +77,40 @@ class WindowBuffer:
         self.time_counts[bucket] = self.time_counts.get(bucket, 0) + 1
         return True
 
+    @property
+    def fully_reserved(self) -> bool:
+        return self.reserved == len(self.events)
+
+    def settle_reservation(self, upto: int, rejected: set[bytes]) -> int:
+        """Events[reserved:upto] were sent for reservation; drop the `rejected` (duplicates).
+
+        Events appended meanwhile (after `upto`) stay unreserved. Returns how many were dropped.
+        """
+        self.tokens.add(self.token)
+        sent = self.events[self.reserved:upto]
+        kept = [e for e in sent if e.dedupe_key not in rejected] if rejected else sent
+        dropped = len(sent) - len(kept)
+        if dropped:
+            head, tail = self.events[:self.reserved], self.events[upto:]
+            self._rebuild(head + kept + tail)
+        self.reserved += len(kept)
+        return dropped
+
+    def merge_from(self, other: WindowBuffer) -> None:
+        """Take `other`'s events after ours, keeping reserved events first (both token sets)."""
+        events = (self.events[:self.reserved] + other.events[:other.reserved]
+                  + self.events[self.reserved:] + other.events[other.reserved:])
+        reserved = self.reserved + other.reserved
+        self.tokens |= other.tokens
+        self._rebuild(events)
+        self.reserved = reserved
+
+    def _rebuild(self, events: list[UsageEvent]) -> None:
+        self.events, self.keys, self.total = [], set(), 0
+        self.min_offset, self.max_offset, self.time_counts = 2**63, -1, {}
+        for ev in events:
+            self.add(ev)
+
 
 @dataclass(frozen=True, slots=True)
 class Closable:
@@ -88,7 +128,8 @@ class Closable:
 class OpenWindows:
     """One worker's window state for the partitions it owns."""
 
-    def __init__(self, size_ms: int, grace_ms: int) -> None:
+    def __init__(self, size_ms: int, grace_ms: int, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
         self.size_ms = size_ms
         self.grace_ms = grace_ms
         # keyed by the plain tuple (partition, customer, meter, start_ms, late): tuple hashing
@@ -131,7 +172,8 @@ class OpenWindows:
             k = (partition, ev.customer, ev.meter, start, late)
             buf = buffers.get(k)
             if buf is None:
-                buf = buffers[k] = WindowBuffer(WindowKey(partition, ev.customer, ev.meter, start), late)
+                buf = buffers[k] = WindowBuffer(
+                    WindowKey(partition, ev.customer, ev.meter, start), late, self._rng.getrandbits(63))
             if buf.add(ev):
                 n += 1
             else:
@@ -177,8 +219,7 @@ class OpenWindows:
                 self.pending_events += len(buf.events)
             else:  # events arrived for this window since the take: merge, restored ones first
                 before = len(mine.events)
-                for ev in mine.events:
-                    buf.add(ev)
+                buf.merge_from(mine)
                 self._buffers[k] = buf
                 self.pending_events += len(buf.events) - before
         self._dirty |= {p for p in closable.checkpoints if self.owns(p)}

@@ -21,10 +21,12 @@ import asyncpg
 from meterline import metrics
 from meterline.config import Settings
 from meterline.core.events import EventValidator, Limits
-from meterline.core.windows import TIME_BUCKET_MS, Closable, OpenWindows
+from meterline.core.windows import TIME_BUCKET_MS, Closable, OpenWindows, WindowBuffer
 from meterline.processor.dlq import DlqUnavailable, DlqWriter
 from meterline.storage import checkpoints
 from meterline.storage.checkpoints import FencedError
+from meterline.storage.dedupe import purge as purge_dedupe
+from meterline.storage.dedupe import reserve
 from meterline.storage.flush import FlushPolicy, FlushResult, flush
 from meterline.storage.grants import allocate_plan_periods, expire_grants
 
@@ -83,6 +85,7 @@ class Pipeline:
         )
         self.windows = OpenWindows(p.window_size_ms, p.window_grace_ms)
         self.epochs: dict[int, int] = {}
+        self.slots: dict[int, int] = {}
         self.generations: dict[int, int] = {}
         self._room = asyncio.Event()
         self._room.set()
@@ -98,6 +101,7 @@ class Pipeline:
         for c in claims:
             self.windows.assign(c.partition, c.next_offset)
             self.epochs[c.partition] = c.epoch
+            self.slots[c.partition] = c.slot
             self.generations[c.partition] = self.generations.get(c.partition, 0) + 1
             metrics.CHECKPOINT_OFFSET.labels(str(c.partition)).set(c.next_offset)
         metrics.OWNED_PARTITIONS.set(len(self.epochs))
@@ -109,6 +113,7 @@ class Pipeline:
         for p in partitions:
             self.windows.drop(p)
             self.epochs.pop(p, None)
+            self.slots.pop(p, None)
             self.generations[p] = self.generations.get(p, 0) + 1
         metrics.OWNED_PARTITIONS.set(len(self.epochs))
 
@@ -154,8 +159,60 @@ class Pipeline:
 
     # --- flush -------------------------------------------------------------------------
 
+    async def reserve(self, buffers: Sequence[WindowBuffer]) -> None:
+        """Reserve dedupe marks for the not-yet-reserved events of `buffers` (storage/dedupe.py).
+
+        Events whose key is already marked — applied, or reserved by a live
+        window — are duplicates and leave their buffer; first wins, also
+        between buffers of this call.
+        """
+        generations = dict(self.generations)
+        batch: list[tuple[WindowBuffer, int, set[bytes]]] = []
+        keys: list[bytes] = []
+        slots: list[int] = []
+        epochs: list[int] = []
+        tokens: list[int] = []
+        seen: set[bytes] = set()
+        for buf in buffers:
+            p = buf.key.partition
+            upto = len(buf.events)
+            if buf.reserved == upto or p not in self.epochs:
+                continue
+            slot, epoch, token = self.slots[p], self.epochs[p], buf.token
+            twice: set[bytes] = set()
+            for ev in buf.events[buf.reserved:upto]:
+                k = ev.dedupe_key
+                if k in seen:
+                    twice.add(k)
+                    continue
+                seen.add(k)
+                keys.append(k)
+                slots.append(slot)
+                epochs.append(epoch)
+                tokens.append(token)
+            batch.append((buf, upto, twice))
+        if not batch:
+            return
+        ours = await reserve(self.pool, keys, slots, epochs, tokens)
+        dropped = 0
+        for buf, upto, twice in batch:
+            p = buf.key.partition
+            if self.generations.get(p) != generations.get(p):
+                continue  # re-claimed or released meanwhile: this buffer was dropped
+            rejected = twice | {e.dedupe_key for e in buf.events[buf.reserved:upto]
+                                if e.dedupe_key not in ours}
+            dropped += buf.settle_reservation(upto, rejected)
+        self.windows.pending_events -= dropped
+        self.windows.duplicates_dropped += dropped
+
     async def flush_tick(self) -> FlushResult | None:
-        """Flush every closed window and advance checkpoints, in one transaction."""
+        """Reserve new events' dedupe marks; flush every closed window in one transaction."""
+        try:
+            await self.reserve(self.windows.buffers())
+        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+            metrics.FLUSH_FAILURES.labels("reserve_" + type(exc).__name__).inc()
+            log.warning("reserving dedupe marks failed, will retry: %r", exc)
+            return None
         now = self.clock()
         closable = self.windows.take_closable(int(now * 1000))
         if not closable.windows and not closable.checkpoints:
@@ -168,15 +225,22 @@ class Pipeline:
             closable = _only(closable, set(epochs))
         started = time.perf_counter()
         try:
+            await self.reserve(closable.windows)  # events that arrived during the first reserve
+            same = {p for p in epochs if self.generations.get(p) == generations.get(p)}
+            if len(same) < len(epochs):  # re-claimed meanwhile: the new claim replays them
+                closable = _only(closable, same)
+                epochs = {p: epochs[p] for p in same}
             await self.dlq.settle()
             async with self.pool.acquire() as conn:
                 result = await flush(conn, closable, epochs, self.policy,
                                      datetime.fromtimestamp(now, UTC))
         except FencedError as exc:
             metrics.FENCED_FLUSHES.inc()
-            log.warning("flush fenced off: partitions %s now belong to another worker",
-                        sorted(exc.partitions))
-            self.release(exc.partitions)
+            # Release only what another worker took: a partition we re-claimed ourselves
+            # since the take has a new generation and stays ours.
+            lost = {p for p in exc.partitions if self.generations.get(p) == generations.get(p)}
+            log.warning("flush fenced off: partitions %s now belong to another worker", sorted(lost))
+            self.release(lost)
             self._restore(closable, generations)
             return None
         except (TimeoutError, DlqUnavailable, asyncpg.PostgresError, OSError) as exc:
@@ -236,7 +300,7 @@ class Pipeline:
             expired = await expire_grants(conn, now, self.policy.balance_changes_topic,
                                           self.policy.thresholds)
             metrics.GRANTS_EXPIRED.inc(expired)
-            await conn.execute("DELETE FROM dedupe_marks WHERE seen_at < $1", now - horizon)
+            await purge_dedupe(conn, now, horizon)
             if self.settings.processor.require_known_customers:
                 rows = await conn.fetch("SELECT id FROM customers")
                 self.validator.known_customers = {r["id"] for r in rows}

@@ -21,7 +21,7 @@ INSERT INTO partition_checkpoints AS c (topic, partition, next_offset, epoch, ow
 SELECT $1, p, 0, 1, $2, now() FROM unnest($3::int[]) AS p
 ON CONFLICT (topic, partition) DO UPDATE
     SET epoch = c.epoch + 1, owner = excluded.owner, claimed_at = now()
-RETURNING partition, next_offset, epoch
+RETURNING partition, next_offset, epoch, slot
 """
 
 LOCK_EPOCHS = """
@@ -43,6 +43,7 @@ class Claim:
     partition: int
     next_offset: int
     epoch: int
+    slot: int
 
 
 class FencedError(Exception):
@@ -59,7 +60,7 @@ async def claim(pool: asyncpg.Pool, topic: str, partitions: Iterable[int], owner
     if not parts:
         return []
     rows = await pool.fetch(CLAIM, topic, owner, parts)
-    return [Claim(r["partition"], r["next_offset"], r["epoch"]) for r in rows]
+    return [Claim(r["partition"], r["next_offset"], r["epoch"], r["slot"]) for r in rows]
 
 
 async def check_epochs(conn: asyncpg.Connection, topic: str, epochs: dict[int, int]) -> None:

@@ -4,10 +4,10 @@ Order inside the transaction, and why it is safe:
 
 1. lock the partitions' checkpoint rows and check our fencing epochs — a
    worker that lost a partition stops here, before writing anything;
-2. insert the dedupe marks of every event, `ON CONFLICT DO NOTHING RETURNING`
-   — only the keys Postgres did not know count; marks are written in the same
-   transaction as the debits, never before (marking first loses usage on a
-   crash between the two);
+2. confirm the windows' dedupe reservations (one `flush_tokens` row per window
+   token, see `dedupe.py`): the marks reserved while the windows were open
+   become applied in the same transaction as the debits, never before
+   (marks that count before their debit commits lose usage on a crash);
 3. fold the new events into window aggregates (a late window becomes a
    correction, seq 1, 2, ...), debit `quantity x credits_per_unit`;
 4. burn the customers' grants (rows locked in customer order), append ledger
@@ -17,14 +17,14 @@ Order inside the transaction, and why it is safe:
 
 Commit makes all of it visible at once; a crash anywhere before that leaves
 nothing, and the worker (or the partition's next owner) replays from the
-previous checkpoint, where step 2 drops what had already been applied.
+previous checkpoint, where the reservations drop what had already been applied.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -38,6 +38,7 @@ from meterline.core.credits import BalanceChange, Grant, burn_down, debit_for, d
 from meterline.core.events import EPOCH
 from meterline.core.windows import Closable, WindowBuffer, WindowValue, as_decimal, fold
 from meterline.storage.checkpoints import check_epochs, store_offsets
+from meterline.storage.dedupe import confirm
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +78,6 @@ def aggregate_id(customer: str, meter: str, start_ms: int, seq: int) -> str:
 def ms_to_dt(ms: int) -> datetime:
     return EPOCH + timedelta(milliseconds=ms)
 
-
-INSERT_MARKS = """
-INSERT INTO dedupe_marks (key) SELECT unnest($1::bytea[])
-ON CONFLICT DO NOTHING RETURNING key
-"""
 
 PREVIOUS_VALUES = """
 SELECT DISTINCT ON (a.customer_id, a.meter, a.window_start)
@@ -166,7 +162,11 @@ async def flush(
         partitions = {w.key.partition for w in closable.windows} | set(closable.checkpoints)
         await check_epochs(conn, policy.usage_topic, {p: epochs[p] for p in partitions})
 
-        fresh = await _dedupe(conn, closable.windows, result)
+        if not all(w.fully_reserved for w in closable.windows):
+            raise RuntimeError("flush of windows with unreserved events")  # a caller bug
+        await confirm(conn, sorted({t for w in closable.windows for t in w.tokens}))
+        fresh = [w for w in closable.windows if w.events]
+        result.events_new = sum(len(w.events) for w in fresh)
         aggregates = await _aggregate(conn, fresh, policy, result)
         if aggregates:
             await _insert_aggregates(conn, aggregates, policy)
@@ -174,40 +174,6 @@ async def flush(
             await _write_outbox(conn, aggregates, changes, policy)
         await store_offsets(conn, policy.usage_topic, closable.checkpoints)
     return result
-
-
-async def _dedupe(
-    conn: asyncpg.Connection, windows: Sequence[WindowBuffer], result: FlushResult
-) -> list[WindowBuffer]:
-    """Insert every event's dedupe mark; keep only the events whose mark was new.
-
-    Buffers are already deduplicated within themselves. When Postgres inserts
-    as many marks as it was given, nothing was a duplicate (neither of an
-    earlier flush nor across buffers of this one) and the buffers are used as
-    they are; otherwise each event is kept only if its key was new and not
-    already kept by an earlier buffer (first wins).
-    """
-    keys = list(chain.from_iterable(w.keys for w in windows))
-    rows = await conn.fetch(INSERT_MARKS, keys) if keys else []
-    result.events_new = len(rows)
-    result.duplicates = len(keys) - len(rows)
-    if len(rows) == len(keys):
-        return list(windows)
-    new_keys = {r[0] for r in rows}
-    out = []
-    for w in windows:
-        if w.keys <= new_keys:
-            new_keys -= w.keys
-            out.append(w)
-            continue
-        kept = WindowBuffer(w.key, w.late)
-        for ev in w.events:
-            if ev.dedupe_key in new_keys:
-                new_keys.discard(ev.dedupe_key)
-                kept.add(ev)
-        if kept.events:
-            out.append(kept)
-    return out
 
 
 async def _aggregate(

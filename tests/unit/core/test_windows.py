@@ -14,6 +14,7 @@ from meterline.core.events import Quantity, UsageEvent
 from meterline.core.windows import (
     Closable,
     OpenWindows,
+    WindowBuffer,
     WindowKey,
     WindowValue,
     fold,
@@ -645,3 +646,42 @@ def test_any_duplication_and_order_gives_the_totals_of_the_deduplicated_input(
         expected[k] = expected.get(k, 0) + e.value
     assert {k: v.quantity for k, v in stored.items()} == expected
     assert seen == {e.dedupe_key for e in distinct}
+
+
+# --- dedupe reservations kept by a buffer -------------------------------------------
+
+
+def _ev(key: bytes, offset: int, value: int = 1) -> UsageEvent:
+    return UsageEvent(key, "c", "m", 1_000, value, offset)
+
+
+def test_settle_reservation_drops_rejected_events_and_keeps_later_arrivals_unreserved() -> None:
+    buf = WindowBuffer(WindowKey(0, "c", "m", 0), False, token=7)
+    for i, k in enumerate((b"a", b"b", b"c")):
+        buf.add(_ev(k, i, value=10))
+    upto = len(buf.events)
+    buf.add(_ev(b"d", 3, value=10))  # arrived while the reservation was in flight
+
+    dropped = buf.settle_reservation(upto, {b"b"})
+
+    assert dropped == 1
+    assert [e.dedupe_key for e in buf.events] == [b"a", b"c", b"d"]
+    assert buf.reserved == 2 and not buf.fully_reserved
+    assert buf.total == 30 and buf.tokens == {7}
+    assert (buf.min_offset, buf.max_offset) == (0, 3)
+
+
+def test_merge_keeps_reserved_events_of_both_buffers_first_and_both_tokens() -> None:
+    restored = WindowBuffer(WindowKey(0, "c", "m", 0), False, token=1)
+    restored.add(_ev(b"a", 0))
+    restored.settle_reservation(1, set())
+    newer = WindowBuffer(WindowKey(0, "c", "m", 0), False, token=2)
+    newer.add(_ev(b"b", 1))
+    newer.settle_reservation(1, set())
+    newer.add(_ev(b"c", 2))  # not reserved yet
+
+    restored.merge_from(newer)
+
+    assert [e.dedupe_key for e in restored.events] == [b"a", b"b", b"c"]
+    assert restored.reserved == 2
+    assert restored.tokens == {1, 2}

@@ -100,18 +100,34 @@ CREATE TABLE debit_allocations (
     PRIMARY KEY (ledger_entry_id, grant_id)
 );
 
--- Durable dedupe: 16-byte blake2b of (source, id), written in the debit's transaction.
+-- Durable dedupe: 16-byte blake2b of CloudEvents (source, id).
+-- A mark is *reserved* while its window is open (slot, epoch and the window's token)
+-- and counts only once its token is in flush_tokens, which the flush transaction
+-- that debits the window inserts. An unconfirmed mark of an older epoch of the same
+-- partition slot is an orphan (its worker crashed or was fenced) and is taken over
+-- by the partition's next owner when it replays the event.
 CREATE TABLE dedupe_marks (
     key      bytea PRIMARY KEY,
+    slot     bigint NOT NULL,
+    epoch    bigint NOT NULL,
+    token    bigint NOT NULL,
     seen_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX dedupe_marks_seen_at ON dedupe_marks USING brin (seen_at);
+
+CREATE TABLE flush_tokens (
+    token         bigint PRIMARY KEY,
+    committed_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX flush_tokens_committed_at ON flush_tokens USING brin (committed_at);
 
 -- The Kafka offsets that matter: committed in the same transaction as the debits.
 -- `epoch` is the fencing token: bumped on every claim, checked on every flush.
 CREATE TABLE partition_checkpoints (
     topic        text NOT NULL,
     partition    integer NOT NULL,
+    -- a short id for (topic, partition), stamped on dedupe reservations
+    slot         bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
     next_offset  bigint NOT NULL DEFAULT 0,
     epoch        bigint NOT NULL DEFAULT 0,
     owner        text,
