@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -41,9 +41,12 @@ class Reason(StrEnum):
     FUTURE_TIMESTAMP = "future_timestamp"
 
 
-@dataclass(frozen=True, slots=True)
-class UsageEvent:
-    """One accepted event, reduced to what billing needs."""
+class UsageEvent(NamedTuple):
+    """One accepted event, reduced to what billing needs.
+
+    A NamedTuple rather than a frozen dataclass: immutable all the same, and built
+    in C — one is built per event on the hot path.
+    """
 
     dedupe_key: bytes  # 16 bytes: blake2b(source, id) — CloudEvents' own uniqueness rule
     customer: str

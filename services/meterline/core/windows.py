@@ -96,6 +96,18 @@ class WindowBuffer:
         self.reserved += len(kept)
         return dropped
 
+    def absorb(self, other: WindowBuffer) -> None:
+        """Append `other`'s events; their keys must differ from ours (reservations ensure it)."""
+        self.events.extend(other.events)
+        self.keys |= other.keys
+        self.total += other.total
+        self.min_offset = min(self.min_offset, other.min_offset)
+        self.max_offset = max(self.max_offset, other.max_offset)
+        for bucket, n in other.time_counts.items():
+            self.time_counts[bucket] = self.time_counts.get(bucket, 0) + n
+        self.reserved += other.reserved
+        self.tokens |= other.tokens
+
     def merge_from(self, other: WindowBuffer) -> None:
         """Take `other`'s events after ours, keeping reserved events first (both token sets)."""
         events = (self.events[:self.reserved] + other.events[:other.reserved]

@@ -38,11 +38,50 @@ from meterline.storage.grants import sync_config
 log = logging.getLogger(__name__)
 
 
+class TaggedRecords(dict):  # type: ignore[type-arg]
+    """Fetched records, plus the seek generation of each partition when they were drained."""
+
+    tags: dict[TP, int]
+
+
+class CheckpointedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Seeks and drains records on the consumer thread, so they are ordered.
+
+    A seek made after records were drained gets a new generation; those records
+    keep the old one and the pipeline drops them (they come from the position
+    before the seek). aiokafka discards fetches for a partition whose position
+    moved, so records drained after a seek come from the new position.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seek_tags: dict[TP, int] = {}
+
+    async def _fetch_records(self, *args: Any, **kwargs: Any) -> Any:
+        records = TaggedRecords(await super()._fetch_records(*args, **kwargs))
+        records.tags = dict(self.seek_tags)  # no await since the drain: same instant
+        return records
+
+    async def seek_tagged(self, seeks: Mapping[TP, tuple[int, int]]) -> None:
+        """Seek partitions to (offset, generation) on the consumer thread."""
+        await self.call_thread(self._seek_tagged, seeks)
+
+    async def _seek_tagged(self, seeks: Mapping[TP, tuple[int, int]]) -> None:
+        consumer = self._ensure_consumer()
+        for tp, (offset, generation) in seeks.items():
+            consumer.seek(tp, offset)
+            self.seek_tags[tp] = generation
+
+
 class CheckpointedConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer, seeking to Postgres checkpoints and yielding record runs."""
 
     pipeline: Pipeline | None = None  # set by MeterlineApp before the worker starts
     usage_topic: str = ""
+    _thread: CheckpointedConsumerThread
+
+    def _new_consumer_thread(self) -> CheckpointedConsumerThread:
+        return CheckpointedConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         committed = dict(await super().seek_to_committed())
@@ -51,8 +90,9 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
         mine = {tp.partition for tp in ours}
         self.pipeline.release(p for p in list(self.pipeline.epochs) if p not in mine)
         resume = await self.pipeline.claim(mine)
+        await self._thread.seek_tagged(
+            {tp: (resume[tp.partition], self.pipeline.generation(tp.partition)) for tp in ours})
         for tp in ours:
-            await self._seek(tp, resume[tp.partition])
             committed[tp] = resume[tp.partition]
         return committed
 
@@ -62,8 +102,6 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
         return await super()._commit(others) if others else True
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
-        assert self.pipeline is not None
-        generations = dict(self.pipeline.generations)  # before the fetch: a seek may follow
         records, active = await self._wait_next_records(timeout)
         generation_id = self.app.consumer_generation_id
         if records is None or self.should_stop:
@@ -71,6 +109,7 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
         if not self.flow_active:
             await self.perform_seek()
             return
+        tags: Mapping[TP, int] = getattr(records, "tags", {})
         for tp, recs in records.items():
             if not recs or (active is not None and tp not in active):
                 continue
@@ -78,7 +117,7 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
                 return
             last = recs[-1]
             self._update_lag(tp, last.offset)
-            run = RecordRun(tp.partition, generations.get(tp.partition, 0), recs)
+            run = RecordRun(tp.partition, tags.get(tp, 0), recs)
             yield tp, ConsumerMessage(
                 tp.topic, tp.partition, last.offset, (last.timestamp or 0) / 1000.0,
                 last.timestamp_type, [], None, run, None, 0, 0, tp,
@@ -134,8 +173,11 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
     async def process(stream: faust.StreamT) -> None:
         pipeline = await _ready(state)
         async for run in stream:
-            pipeline.ingest(run)
-            await pipeline.wait_for_room()
+            position: int | None = 0
+            while position is not None:
+                position = pipeline.ingest(run, position)
+                await pipeline.wait_for_room()
+                await asyncio.sleep(0)  # let flushes, reservations and heartbeats run
 
     @app.task
     async def flush_loop() -> None:

@@ -20,7 +20,7 @@ import asyncpg
 
 from meterline import metrics
 from meterline.config import Settings
-from meterline.core.events import EventValidator, Limits
+from meterline.core.events import EventValidator, Limits, UsageEvent
 from meterline.core.windows import TIME_BUCKET_MS, Closable, OpenWindows, WindowBuffer
 from meterline.processor.dlq import DlqUnavailable, DlqWriter
 from meterline.storage import checkpoints
@@ -122,19 +122,29 @@ class Pipeline:
 
     # --- intake ----------------------------------------------------------------------
 
-    def ingest(self, run: RecordRun) -> None:
-        """Validate and window one run; rejections go to the DLQ. No I/O but DLQ produce."""
+    def ingest(self, run: RecordRun, start: int = 0, max_events: int = 20_000) -> int | None:
+        """Validate and window records of one run from index `start`; DLQ the rejections.
+
+        Stops after about `max_events` events (a run of batch envelopes can hold
+        a million) and returns the index to continue from, so the caller can
+        yield to the event loop — flushes and heartbeats must not starve.
+        Returns None when the run is done. No I/O but DLQ produce.
+        """
         p = run.partition
         if run.generation != self.generation(p) or not self.windows.owns(p):
-            return  # fetched before a re-claim/seek, or for a partition we lost
+            return None  # fetched before a re-claim/seek, or for a partition we lost
         expected = self.windows.next_offset(p)
         assert expected is not None
         now_ms = int(self.clock() * 1000)
         parse = self.validator.parse_record
         dlq_write = self.dlq.write
-        accepted = []
+        accepted: list[UsageEvent] = []
         last = expected - 1
-        for rec in run.records:
+        records = run.records
+        i = start
+        while i < len(records) and len(accepted) < max_events:
+            rec = records[i]
+            i += 1
             off = rec.offset
             if off < expected:
                 continue  # already handled before a seek: never apply twice
@@ -146,13 +156,13 @@ class Pipeline:
                 for r in parsed.rejected:
                     metrics.EVENTS_INVALID.labels(r.reason.value).inc()
             last = off
-        if last < expected:
-            return
-        metrics.RECORDS_IN.inc(last - expected + 1)
-        self.windows.add(p, accepted, last + 1, now_ms)
-        if self.windows.pending_events >= self.settings.processor.max_pending_events:
-            self._room.clear()  # back-pressure: the agent waits for the next flush
-        metrics.PENDING_EVENTS.set(self.windows.pending_events)
+        if last >= expected:
+            metrics.RECORDS_IN.inc(last - expected + 1)
+            self.windows.add(p, accepted, last + 1, now_ms)
+            if self.windows.pending_events >= self.settings.processor.max_pending_events:
+                self._room.clear()  # back-pressure: the agent waits for the next flush
+            metrics.PENDING_EVENTS.set(self.windows.pending_events)
+        return i if i < len(records) else None
 
     async def wait_for_room(self) -> None:
         await self._room.wait()
@@ -167,40 +177,50 @@ class Pipeline:
         between buffers of this call.
         """
         generations = dict(self.generations)
-        batch: list[tuple[WindowBuffer, int, set[bytes]]] = []
+        batch: list[tuple[WindowBuffer, int, list[bytes]]] = []
         keys: list[bytes] = []
         slots: list[int] = []
         epochs: list[int] = []
         tokens: list[int] = []
-        seen: set[bytes] = set()
         for buf in buffers:
             p = buf.key.partition
             upto = len(buf.events)
             if buf.reserved == upto or p not in self.epochs:
                 continue
-            slot, epoch, token = self.slots[p], self.epochs[p], buf.token
-            twice: set[bytes] = set()
-            for ev in buf.events[buf.reserved:upto]:
-                k = ev.dedupe_key
-                if k in seen:
-                    twice.add(k)
-                    continue
-                seen.add(k)
-                keys.append(k)
-                slots.append(slot)
-                epochs.append(epoch)
-                tokens.append(token)
-            batch.append((buf, upto, twice))
+            mine = [e.dedupe_key for e in buf.events[buf.reserved:upto]]
+            n = len(mine)
+            keys += mine
+            slots += [self.slots[p]] * n
+            epochs += [self.epochs[p]] * n
+            tokens += [buf.token] * n
+            batch.append((buf, upto, mine))
         if not batch:
             return
+        # A key held by two buffers is sent once (ON CONFLICT DO UPDATE may touch a row
+        # once per statement); the first holder keeps it, later holders drop it.
+        later_holders: dict[int, set[bytes]] = {}
+        if len(set(keys)) < len(keys):
+            first: dict[bytes, int] = {}
+            keep = []
+            owner_of = [i for i, (_, _, mine) in enumerate(batch) for _ in mine]
+            for i, k in enumerate(keys):
+                if k in first:
+                    later_holders.setdefault(owner_of[i], set()).add(k)
+                else:
+                    first[k] = owner_of[i]
+                    keep.append(i)
+            keys = [keys[i] for i in keep]
+            slots = [slots[i] for i in keep]
+            epochs = [epochs[i] for i in keep]
+            tokens = [tokens[i] for i in keep]
         ours = await reserve(self.pool, keys, slots, epochs, tokens)
+        all_ours = len(ours) == len(keys) and not later_holders
         dropped = 0
-        for buf, upto, twice in batch:
+        for index, (buf, upto, mine) in enumerate(batch):
             p = buf.key.partition
             if self.generations.get(p) != generations.get(p):
                 continue  # re-claimed or released meanwhile: this buffer was dropped
-            rejected = twice | {e.dedupe_key for e in buf.events[buf.reserved:upto]
-                                if e.dedupe_key not in ours}
+            rejected = set() if all_ours else (set(mine) - ours) | later_holders.get(index, set())
             dropped += buf.settle_reservation(upto, rejected)
         self.windows.pending_events -= dropped
         self.windows.duplicates_dropped += dropped

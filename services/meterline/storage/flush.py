@@ -28,7 +28,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from itertools import chain
 
 import asyncpg
 import orjson
@@ -191,8 +190,8 @@ async def _aggregate(
         k = (w.key.customer, w.key.meter, w.key.start_ms)
         if k in merged:
             both = WindowBuffer(merged[k].key, merged[k].late)
-            for ev in chain(merged[k].events, w.events):
-                both.add(ev)
+            both.absorb(merged[k])
+            both.absorb(w)  # reserved events of one flush never share a key
             merged[k] = both
         else:
             merged[k] = w
