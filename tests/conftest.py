@@ -18,6 +18,7 @@ import functools
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -105,8 +106,14 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with PostgresContainer("postgres:16-alpine", dbname="meterline", driver=None) as pg:
             yield pg.get_connection_url()
     else:
-        with EmbeddedPostgres(tmp_path_factory.mktemp("embedded-postgres")) as pg:
-            yield pg.dsn
+        # Not under pytest's temp root: another pytest run on the machine resets that to
+        # mode 0700, locking out the server's own system user mid-session.
+        data_dir = Path(tempfile.mkdtemp(prefix="meterline-test-pg-"))
+        try:
+            with EmbeddedPostgres(data_dir) as pg:
+                yield pg.dsn
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -122,8 +122,9 @@ def to_quantity(raw: Any) -> Quantity:
             raise ValueError("not finite")
         text = repr(raw)
         value = Decimal(text)
-        # len(text) <= 16 without an exponent means at most 15 digits; else count them
-        if (len(text) > 16 or "e" in text) and len(value.as_tuple().digits) > _FLOAT_DIGITS:
+        # len(text) <= 16 without an exponent means at most 15 digits; else count the
+        # significant ones (a trailing ".0" or zeros carry no precision)
+        if (len(text) > 16 or "e" in text) and len(value.normalize().as_tuple().digits) > _FLOAT_DIGITS:
             raise ValueError("number has more digits than JSON numbers keep exactly; send a string")
     elif isinstance(raw, str):
         try:
@@ -173,6 +174,9 @@ class EventValidator:
             out.rejected.append(_undecodable(value, offset, exc))
             return out
         if isinstance(doc, list):
+            if not doc:
+                out.rejected.append(Rejection(Reason.INVALID_ENVELOPE, "empty batch", offset, value))
+                return out
             if len(doc) > self._limits.max_batch_events:
                 out.rejected.append(Rejection(
                     Reason.OVERSIZED,

@@ -76,7 +76,7 @@ class Services:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
             [sys.executable, "-m", "meterline.cli", "-c", str(self.config), name, *args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.procs[name] = proc

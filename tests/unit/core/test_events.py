@@ -358,10 +358,12 @@ def test_batch_member_reasons_cover_time_and_meter_checks() -> None:
         (0, Reason.UNKNOWN_METER), (1, Reason.INVALID_TIME), (2, Reason.TOO_OLD)]
 
 
-def test_empty_batch_yields_nothing() -> None:
+def test_empty_batch_is_dead_lettered_not_silently_dropped() -> None:
     parsed = parse(b"[]")
 
-    assert parsed.accepted == [] and parsed.rejected == []
+    assert parsed.accepted == []
+    assert [(r.reason, r.detail, r.payload) for r in parsed.rejected] == [
+        (Reason.INVALID_ENVELOPE, "empty batch", b"[]")]
 
 
 # --- parse_time_ms ---------------------------------------------------------------------------
