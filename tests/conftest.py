@@ -23,13 +23,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
-from meterline.config import Settings
+from meterline.config import Settings, deep_merge
 from meterline.devstack.embedded import EmbeddedKafka, EmbeddedPostgres
+from meterline.storage.db import with_database
 
 
 @functools.cache
@@ -42,14 +42,6 @@ def docker_available() -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return True
-
-
-def dsn_for_database(dsn: str, database: str) -> str:
-    """The same server and credentials as ``dsn``, another database.
-
-    Keeps the query string, which for the embedded server carries the socket dir.
-    """
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{database}"))
 
 
 # --- Kafka -------------------------------------------------------------------
@@ -120,14 +112,14 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 async def fresh_database(database_url: str) -> AsyncIterator[str]:
     """DSN of a brand-new, empty database on the session's server; dropped afterwards."""
     name = f"meterline_test_{uuid.uuid4().hex[:8]}"
-    admin_dsn = dsn_for_database(database_url, "postgres")
+    admin_dsn = with_database(database_url, "postgres")
     conn = await asyncpg.connect(admin_dsn)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
     try:
-        yield dsn_for_database(database_url, name)
+        yield with_database(database_url, name)
     finally:
         conn = await asyncpg.connect(admin_dsn)
         try:
@@ -147,16 +139,6 @@ async def migrated_database(fresh_database: str) -> AsyncIterator[str]:
 
     await migrate(fresh_database)
     yield fresh_database
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 @pytest.fixture
@@ -183,7 +165,7 @@ def pipeline_settings(
 
     def make(customers: int | list[dict[str, Any]] = 20, **sections: Any) -> Settings:
         prefix = unique_topic_prefix
-        overrides = _deep_merge({
+        overrides = deep_merge({
             "database_url": migrated_database,
             "kafka": {
                 "bootstrap_servers": kafka_bootstrap,

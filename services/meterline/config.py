@@ -168,7 +168,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         data.setdefault("kafka", {})
         data["kafka"] = {**data["kafka"], "bootstrap_servers": os.environ["KAFKA_BOOTSTRAP_SERVERS"]}
-    data = _deep_merge(_deep_merge(data, _env_overrides()), overrides)
+    data = deep_merge(deep_merge(data, _env_overrides()), overrides)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
@@ -189,11 +189,12 @@ def _env_overrides() -> dict[str, Any]:
     return out
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, merging nested mappings key by key."""
     merged = dict(base)
     for k, v in top.items():
         if isinstance(v, dict) and isinstance(merged.get(k), dict):
-            merged[k] = _deep_merge(merged[k], v)
+            merged[k] = deep_merge(merged[k], v)
         else:
             merged[k] = v
     return merged

@@ -23,10 +23,9 @@ from typing import Any, cast
 
 import asyncpg
 import yaml
-from confluent_kafka import Consumer, TopicPartition
 
 from meterline.config import Settings
-from meterline.devstack.dev import Services, Snapshot, compare, read_dlq, snapshot
+from meterline.devstack.dev import Services, Snapshot, compare, read_dlq, read_topic, snapshot
 from meterline.devstack.load import LoadGenerator
 
 __all__ = [
@@ -319,27 +318,12 @@ class Message:
 
 
 def read_messages(bootstrap: str, topic: str, quiet_seconds: float = 2.0) -> list[Message]:
-    """Every message of `topic`, read from offset 0 until `quiet_seconds` pass without one.
-
-    Like `read_dlq`, never trusts watermarks (the embedded broker's are wrong for batches).
-    """
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"meterline-test-{os.getpid()}",
-                  "enable.auto.commit": False})
+    """Every message of `topic` (see `meterline.devstack.dev.read_topic`), as plain tuples."""
     out: list[Message] = []
-    try:
-        meta = c.list_topics(topic, timeout=10).topics[topic]
-        c.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
-        last = time.monotonic()
-        while time.monotonic() - last < quiet_seconds:
-            for m in c.consume(1000, timeout=0.2):
-                if m.error():
-                    continue
-                last = time.monotonic()
-                partition, offset = m.partition(), m.offset()
-                assert partition is not None and offset is not None
-                raw = cast(list[tuple[str, bytes | None]], m.headers() or [])
-                headers = {k: v or b"" for k, v in raw}
-                out.append(Message(partition, offset, m.key(), m.value(), headers))
-        return out
-    finally:
-        c.close()
+    for m in read_topic(bootstrap, topic, quiet_seconds):
+        partition, offset = m.partition(), m.offset()
+        assert partition is not None and offset is not None
+        raw = cast(list[tuple[str, bytes | None]], m.headers() or [])
+        headers = {k: v or b"" for k, v in raw}
+        out.append(Message(partition, offset, m.key(), m.value(), headers))
+    return out

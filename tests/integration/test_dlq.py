@@ -53,7 +53,7 @@ def _event(n: int, now: datetime, **changes: object) -> bytes:
 
 
 def bad_messages(now: datetime) -> list[tuple[Reason, bytes]]:
-    """One single-event message per reason (two for invalid_value)."""
+    """One single-event message per reason (two for invalid_value and invalid_envelope)."""
     oversized = _event(1, now, data={"tokens": 1, "pad": "x" * (MAX_BYTES + 100)})
     assert len(oversized) > MAX_BYTES
     return [
@@ -61,6 +61,7 @@ def bad_messages(now: datetime) -> list[tuple[Reason, bytes]]:
         (Reason.NOT_UTF8, b'{"specversion":"1.0","id":"\xff\xfe"}'),
         (Reason.MALFORMED_JSON, b'{"specversion": "1.0", "id": '),
         (Reason.INVALID_ENVELOPE, _event(2, now, subject=None)),
+        (Reason.INVALID_ENVELOPE, b"[]"),  # an empty batch
         (Reason.INVALID_TIME, _event(3, now, time="yesterday at noon")),
         (Reason.INVALID_VALUE, _event(4, now, data={"tokens": -5})),
         (Reason.INVALID_VALUE, _event(5, now, data={"tokens": "NaN"})),

@@ -33,7 +33,7 @@ from typing import Any
 import asyncpg
 import orjson
 import yaml
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from meterline.config import Settings, load_settings
@@ -133,16 +133,15 @@ async def snapshot(pool: asyncpg.Pool, detail: bool = True) -> Snapshot:
     return s
 
 
-def read_dlq(bootstrap: str, topic: str, quiet_seconds: float = 2.0) -> dict[str, int]:
-    """Count DLQ messages by reason header, by reading the topic from the start.
+def read_topic(bootstrap: str, topic: str, quiet_seconds: float = 2.0) -> list[Message]:
+    """Every message of `topic`, read from offset 0 until `quiet_seconds` pass without one.
 
-    Reads until `quiet_seconds` pass without a message, rather than trusting
-    high watermarks: the embedded broker (Tansu 0.6) reports a batch's base
-    offset there, which undercounts batched topics.
+    Never trusts high watermarks: the embedded broker (Tansu 0.6) reports a
+    batch's base offset there, which undercounts batched topics.
     """
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"meterline-dev-{os.getpid()}",
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"meterline-read-{os.getpid()}",
                   "enable.auto.commit": False})
-    reasons: dict[str, int] = {}
+    out: list[Message] = []
     try:
         meta = c.list_topics(topic, timeout=10).topics[topic]
         c.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
@@ -152,11 +151,20 @@ def read_dlq(bootstrap: str, topic: str, quiet_seconds: float = 2.0) -> dict[str
                 if m.error():
                     continue
                 last = time.monotonic()
-                reason = dict(m.headers() or []).get("meterline.reason", b"?").decode()
-                reasons[reason] = reasons.get(reason, 0) + 1
-        return reasons
+                out.append(m)
+        return out
     finally:
         c.close()
+
+
+def read_dlq(bootstrap: str, topic: str, quiet_seconds: float = 2.0) -> dict[str, int]:
+    """Count DLQ messages by their `meterline.reason` header."""
+    reasons: dict[str, int] = {}
+    for m in read_topic(bootstrap, topic, quiet_seconds):
+        raw = dict(m.headers() or []).get("meterline.reason") or b"?"
+        reason = raw.decode() if isinstance(raw, bytes) else str(raw)
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -27,7 +27,7 @@ from meterline.config import MeterConfig, Settings
 from meterline.core.credits import debit_for
 
 # Bad inputs the generator sends; each must end in the DLQ under this reason.
-BAD_INPUTS: tuple[tuple[str, bytes], ...] = (
+BAD_INPUTS: tuple[tuple[str, bytes | None], ...] = (
     ("malformed_json", b'{"specversion": "1.0", "id": '),
     ("not_utf8", b'{"specversion":"1.0","id":"\xff\xfe"}'),
     ("invalid_envelope", b'{"specversion":"1.0","source":"loadgen","type":"api_request"}'),

@@ -120,7 +120,8 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
             run = RecordRun(tp.partition, tags.get(tp, 0), recs)
             yield tp, ConsumerMessage(
                 tp.topic, tp.partition, last.offset, (last.timestamp or 0) / 1000.0,
-                last.timestamp_type, [], None, run, None, 0, 0, tp,
+                last.timestamp_type, [], None, run,  # type: ignore[arg-type] # the run is the value
+                None, 0, 0, tp,
                 generation_id=generation_id,
             )
 

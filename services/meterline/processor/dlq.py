@@ -17,13 +17,15 @@ from confluent_kafka import KafkaError, Message, Producer
 from meterline import metrics
 from meterline.core.events import Rejection
 
+Headers = list[tuple[str, str | bytes | None]]
+
 
 class DlqUnavailable(Exception):
     """DLQ messages could not be delivered; offsets must not advance past them."""
 
 
-def dlq_headers(rejection: Rejection, topic: str, partition: int) -> list[tuple[str, bytes]]:
-    headers = [
+def dlq_headers(rejection: Rejection, topic: str, partition: int) -> Headers:
+    headers: Headers = [
         ("meterline.reason", rejection.reason.value.encode()),
         ("meterline.detail", rejection.detail[:1000].encode()),
         ("meterline.original.topic", topic.encode()),
@@ -47,7 +49,7 @@ class DlqWriter:
             "linger.ms": 20,
             "message.timeout.ms": 30_000,
         })
-        self._failed: list[tuple[bytes | None, bytes, list[tuple[str, bytes]], str]] = []
+        self._failed: list[tuple[bytes | None, bytes, Headers, str]] = []
 
     def write(self, partition: int, key: bytes | None, rejections: Iterable[Rejection]) -> int:
         n = 0
@@ -60,7 +62,7 @@ class DlqWriter:
         return n
 
     def _produce(
-        self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]], reason: str
+        self, key: bytes | None, value: bytes, headers: Headers, reason: str
     ) -> None:
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:

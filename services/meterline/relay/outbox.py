@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import asyncpg
 from confluent_kafka import KafkaError, Message, Producer
@@ -76,8 +77,11 @@ class OutboxRelay:
         self.published += len(rows)
         return len(rows)
 
-    def _produce(self, topic: str, key: str, payload: bytes, outbox_id: int, cb: object) -> None:
-        headers = [("meterline.outbox_id", str(outbox_id).encode())]
+    def _produce(
+        self, topic: str, key: str, payload: bytes, outbox_id: int,
+        cb: Callable[[KafkaError | None, Message], None],
+    ) -> None:
+        headers: list[tuple[str, str | bytes | None]] = [("meterline.outbox_id", str(outbox_id).encode())]
         while True:
             try:
                 self._producer.produce(topic, bytes(payload), key.encode(), headers=headers,

@@ -28,7 +28,7 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyn
 def migration_files() -> list[tuple[str, str]]:
     """(name, sql) of every migration, in order of their number."""
     folder = resources.files("meterline.storage") / "migrations"
-    files = sorted(f for f in folder.iterdir() if f.name.endswith(".sql"))
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
     return [(f.name, f.read_text()) for f in files]
 
 
