@@ -124,6 +124,9 @@ class BalanceChange:
     def delta(self) -> Decimal:
         return self.balance_after - self.balance_before
 
+    def crossed(self) -> tuple[int, ...]:
+        return thresholds_crossed(self.balance_before, self.balance_after, self.granted, self.thresholds)
+
     def to_message(self) -> dict[str, object]:
         """The `billing.balance-changes` payload (schemas/balance-change.schema.json)."""
         return {
@@ -134,8 +137,6 @@ class BalanceChange:
             "reason": self.reason,
             "ledger_entry_id": self.ledger_entry_ids[-1] if self.ledger_entry_ids else None,
             "ledger_entry_ids": list(self.ledger_entry_ids),
-            "thresholds_crossed": list(
-                thresholds_crossed(self.balance_before, self.balance_after, self.granted, self.thresholds)
-            ),
+            "thresholds_crossed": list(self.crossed()),
             "depleted": depleted(self.balance_before, self.balance_after),
         }

@@ -290,6 +290,8 @@ class Pipeline:
         metrics.WINDOWS_FLUSHED.labels("regular").inc(r.aggregates - r.corrections)
         metrics.WINDOWS_FLUSHED.labels("correction").inc(r.corrections)
         metrics.LEDGER_DEBITS.inc(r.debits)
+        for threshold in r.thresholds_crossed:
+            metrics.THRESHOLD_CROSSINGS.labels(str(threshold)).inc()
         metrics.CREDITS_DEBITED.inc(float(r.credits_debited))
         half = TIME_BUCKET_MS / 2000  # bucket midpoint, seconds
         metrics.observe_counts(metrics.DEBIT_LATENCY, [

@@ -59,7 +59,7 @@ class FlushResult:
     corrections: int = 0
     debits: int = 0
     credits_debited: Decimal = Decimal(0)
-    thresholds_crossed: int = 0
+    thresholds_crossed: list[int] = field(default_factory=list)  # one entry per crossing
     # per meter: events debited, for metrics
     events_by_meter: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     # debited events per event-time bucket (TIME_BUCKET_MS), for the latency histogram
@@ -171,6 +171,7 @@ async def flush(
             await _insert_aggregates(conn, aggregates, policy)
             changes = await _debit(conn, aggregates, policy, now, result)
             await _write_outbox(conn, aggregates, changes, policy)
+            result.thresholds_crossed = [t for c in changes for t in c.crossed()]
         await store_offsets(conn, policy.usage_topic, closable.checkpoints)
     return result
 
