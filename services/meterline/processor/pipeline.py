@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -158,6 +159,8 @@ class Pipeline:
             last = off
         if last >= expected:
             metrics.RECORDS_IN.inc(last - expected + 1)
+            for meter, n in Counter(e.meter for e in accepted).items():
+                metrics.EVENTS_VALID.labels(meter).inc(n)
             self.windows.add(p, accepted, last + 1, now_ms)
             if self.windows.pending_events >= self.settings.processor.max_pending_events:
                 self._room.clear()  # back-pressure: the agent waits for the next flush
@@ -286,7 +289,6 @@ class Pipeline:
         self.windows.duplicates_dropped = 0
         for meter, n in r.events_by_meter.items():
             metrics.EVENTS_DEBITED.labels(meter).inc(n)
-            metrics.EVENTS_VALID.labels(meter).inc(n)
         metrics.WINDOWS_FLUSHED.labels("regular").inc(r.aggregates - r.corrections)
         metrics.WINDOWS_FLUSHED.labels("correction").inc(r.corrections)
         metrics.LEDGER_DEBITS.inc(r.debits)
@@ -298,8 +300,10 @@ class Pipeline:
             (committed - b * TIME_BUCKET_MS / 1000 - half, n) for b, n in r.time_counts.items()])
         for p, off in closable.checkpoints.items():
             metrics.CHECKPOINT_OFFSET.labels(str(p)).set(off)
-        late = sum(len(w.events) for w in closable.windows if w.late)
-        self.late_count += late
+        for w in closable.windows:
+            if w.late:
+                metrics.EVENTS_LATE.labels(w.key.meter).inc(len(w.events))
+                self.late_count += len(w.events)
         t = self.totals
         t.events_new += r.events_new
         t.duplicates += r.duplicates
