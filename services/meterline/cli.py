@@ -57,6 +57,13 @@ def _load(args: argparse.Namespace) -> int:
     return run(_settings(args), args)
 
 
+def _stripe_emulator(args: argparse.Namespace) -> int:
+    from meterline.stripe.emulator import run
+
+    run(args.host, args.port, args.rate, args.failure_rate)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from meterline.devstack.bench import run
 
@@ -94,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--late", type=float, default=0.01, help="fraction with old timestamps")
     p.add_argument("--invalid", type=float, default=0.005, help="fraction of bad input")
     p.set_defaults(func=_load)
+
+    p = sub.add_parser("stripe-emulator", help="local emulator of Stripe's Billing Meter API")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=12111)
+    p.add_argument("--rate", type=float, default=100, help="requests/s before 429 (0 = no limit)")
+    p.add_argument("--failure-rate", type=float, default=0.0, help="fraction of random 500s")
+    p.set_defaults(func=_stripe_emulator)
 
     p = sub.add_parser("bench", help="measure throughput and latency end to end")
     p.add_argument("--events", type=int, default=300_000, help="events in each burst phase")

@@ -30,11 +30,12 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 INFRA = {"kafka", "postgres"}
+MONITORING = {"prometheus", "grafana"}
 CONFIG_IN_CONTAINER = "/etc/meterline/meterline.yaml"
 
 COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-METERLINE_SERVICES = sorted(set(SERVICES) - INFRA)
+METERLINE_SERVICES = sorted(set(SERVICES) - INFRA - MONITORING)
 
 
 def interpolate(value: str) -> str:
@@ -336,3 +337,18 @@ def test_compose_paths_are_posix_relative() -> None:
         for volume in SERVICES[service].get("volumes", []):
             source = volume.split(":")[0]
             assert source.startswith("./") and not PurePosixPath(source).is_absolute()
+
+
+def test_monitoring_mounts_the_shipped_prometheus_and_grafana_files() -> None:
+    mounts = {
+        service: {v.split(":")[0]: v.split(":")[1] for v in SERVICES[service]["volumes"] if v.startswith("./")}
+        for service in MONITORING
+    }
+    assert mounts["prometheus"] == {"./deploy/prometheus": "/etc/prometheus"}
+    assert mounts["grafana"] == {
+        "./deploy/grafana/provisioning": "/etc/grafana/provisioning",
+        "./deploy/grafana/dashboards": "/var/lib/grafana/dashboards",
+    }
+    for source in (s for m in mounts.values() for s in m):
+        assert (ROOT / source).is_dir(), source
+    assert "processor" in SERVICES["prometheus"]["depends_on"]
