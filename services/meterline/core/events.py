@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -88,8 +89,19 @@ def dedupe_key(source: str, event_id: str) -> bytes:
     ).digest()
 
 
+# RFC 3339 date-time (section 5.6), the same pattern as schemas/usage-event.schema.json;
+# fromisoformat alone would also take other ISO 8601 forms (week dates, "+0100", ...).
+_RFC3339 = re.compile(
+    r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+    r"(\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")
+# A quantity sent as a string: plain decimal digits (no sign, exponent, spaces or "_").
+_DECIMAL_TEXT = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
 def parse_time_ms(text: str) -> int:
     """RFC 3339 timestamp with an explicit offset -> epoch milliseconds, exactly."""
+    if not _RFC3339.fullmatch(text):
+        raise ValueError("not an RFC 3339 date-time with an offset")
     dt = datetime.fromisoformat(text.upper())  # RFC 3339 allows lower-case "t" and "z"
     if dt.tzinfo is None:
         raise ValueError("timestamp has no UTC offset")
@@ -127,6 +139,8 @@ def to_quantity(raw: Any) -> Quantity:
         if (len(text) > 16 or "e" in text) and len(value.normalize().as_tuple().digits) > _FLOAT_DIGITS:
             raise ValueError("number has more digits than JSON numbers keep exactly; send a string")
     elif isinstance(raw, str):
+        if not _DECIMAL_TEXT.fullmatch(raw):
+            raise ValueError("a quantity string must be plain decimal digits, like \"12.5\"")
         try:
             value = Decimal(raw)
         except InvalidOperation as exc:
