@@ -24,14 +24,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 CYCLES = 2
 
-# Source bugs (see the test report), both on the rebalance path of a live worker:
-# 1. lost records (AssertionError: ledger below expected): app.py getmany stamps runs with
-#    generations read before a fetch that a claim + seek can complete inside; the first run
-#    fetched from the checkpoint is dropped as stale and ingest then accepts the next run
-#    across the gap, moving the checkpoint past never-debited records;
-# 2. worker crash (RuntimeError: "A exited with 1"): app.py seek_to_committed seeks with
-#    self._seek() on the event-loop thread, which mutates aiokafka's Fetcher._records while
-#    the consumer thread drains it -> KeyError in aiokafka/consumer/fetcher.py fetched_records.
+# Guards two rebalance bugs fixed in processor/app.py: runs stamped with a generation read
+# before a fetch that a claim + seek completed inside (records skipped), and seeks made off
+# the consumer thread (a KeyError in aiokafka's fetcher). Seeks and fetch tags now happen
+# on the consumer thread.
 async def test_two_workers_share_partitions_and_rebalance_exactly_once(
     pipeline_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:

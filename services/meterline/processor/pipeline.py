@@ -90,9 +90,6 @@ class Pipeline:
         self.generations: dict[int, int] = {}
         self._room = asyncio.Event()
         self._room.set()
-        self.totals = FlushResult()  # running totals, for the dev summary and logs
-        self.dlq_count = 0
-        self.late_count = 0
 
     # --- ownership -----------------------------------------------------------------
 
@@ -153,7 +150,7 @@ class Pipeline:
             if parsed.accepted:
                 accepted.extend(parsed.accepted)
             if parsed.rejected:
-                self.dlq_count += dlq_write(p, rec.key, parsed.rejected)
+                dlq_write(p, rec.key, parsed.rejected)
                 for r in parsed.rejected:
                     metrics.EVENTS_INVALID.labels(r.reason.value).inc()
             last = off
@@ -303,15 +300,6 @@ class Pipeline:
         for w in closable.windows:
             if w.late:
                 metrics.EVENTS_LATE.labels(w.key.meter).inc(len(w.events))
-                self.late_count += len(w.events)
-        t = self.totals
-        t.events_new += r.events_new
-        t.duplicates += r.duplicates
-        t.aggregates += r.aggregates
-        t.corrections += r.corrections
-        t.debits += r.debits
-        t.credits_debited += r.credits_debited
-        r.time_counts.clear()
 
     # --- housekeeping ------------------------------------------------------------------
 

@@ -77,9 +77,3 @@ async def store_offsets(conn: asyncpg.Connection, topic: str, offsets: dict[int,
         parts = sorted(offsets)
         await conn.execute(STORE_OFFSETS, topic, parts, [offsets[p] for p in parts])
 
-
-async def stored_offsets(pool: asyncpg.Pool, topic: str) -> dict[int, int]:
-    rows = await pool.fetch(
-        "SELECT partition, next_offset FROM partition_checkpoints WHERE topic = $1", topic
-    )
-    return {r["partition"]: r["next_offset"] for r in rows}
