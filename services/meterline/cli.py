@@ -70,6 +70,12 @@ def _bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# stripe sink / reconciler handlers
+# webhook bridge handler
+# ledger consumer handler
+# api handler
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meterline", description=__doc__)
     parser.add_argument("-c", "--config", help="YAML config file (default: $METERLINE_CONFIG)")
@@ -120,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", help="also write results to this file")
     p.add_argument("--skip-baseline", action="store_true", help="skip the naive Faust baseline")
     p.set_defaults(func=_bench)
+
+    # stripe sink / reconciler subcommands
+    # webhook bridge subcommand
+    # ledger consumer subcommand
+    # api subcommand
     return parser
 
 

@@ -83,6 +83,11 @@ class KafkaConfig(_Frozen):
     usage_topic: str = "usage.events"
     usage_dlq_topic: str = "usage.events.dlq"
     aggregates_topic: str = "usage.aggregates"
+    # the Stripe sink's dead letters: aggregates Stripe refused (non-retryable 4xx)
+    aggregates_dlq_topic: str = "usage.aggregates.dlq"
+    # verified Stripe webhook events (webhook bridge -> ledger consumer), key = Stripe customer id
+    stripe_events_topic: str = "stripe.events"
+    stripe_events_dlq_topic: str = "stripe.events.dlq"
     balance_changes_topic: str = "billing.balance-changes"
     partitions: int = Field(default=4, ge=1)
     consumer_group: str = "meterline-processor"
@@ -123,6 +128,15 @@ class RelayConfig(_Frozen):
     metrics_port: int = Field(default=9465, ge=0, le=65535)
 
 
+# --- stripe sink / reconciler config classes go here ---
+
+# --- webhook bridge config classes go here ---
+
+# --- ledger consumer config classes go here ---
+
+# --- api config classes go here ---
+
+
 class Settings(_Frozen):
     """Everything a meterline service needs; pass it explicitly, never read env elsewhere."""
 
@@ -133,6 +147,10 @@ class Settings(_Frozen):
     meters: tuple[MeterConfig, ...] = ()
     plans: tuple[PlanConfig, ...] = ()
     customers: tuple[CustomerConfig, ...] = ()
+    # stripe sink / reconciler settings
+    # webhook bridge settings
+    # ledger consumer settings
+    # api settings
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:

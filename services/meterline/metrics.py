@@ -85,6 +85,21 @@ OUTBOX_FAILURES = Counter(
     "meterline_outbox_failures_total", "Relay batches that failed and will be retried"
 )
 
+# --- stripe sink ---------------------------------------------------------------
+# (metrics for stripe sink go here)
+
+# --- reconciler ---------------------------------------------------------------
+# (metrics for reconciler go here)
+
+# --- webhook bridge ---------------------------------------------------------------
+# (metrics for webhook bridge go here)
+
+# --- ledger consumer (Stripe events) ---------------------------------------------------------------
+# (metrics for ledger consumer (Stripe events) go here)
+
+# --- api ---------------------------------------------------------------
+# (metrics for api go here)
+
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
     """Record many observations at once (a flush debits up to hundreds of thousands of events).

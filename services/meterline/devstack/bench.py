@@ -100,6 +100,9 @@ async def run_shape(name: str, batch_size: int, target_rate: float, args: argpar
                        "usage_dlq_topic": prefix + "usage.events.dlq",
                        "aggregates_topic": prefix + "usage.aggregates",
                        "balance_changes_topic": prefix + "billing.balance-changes",
+                       "aggregates_dlq_topic": prefix + "usage.aggregates.dlq",
+                       "stripe_events_topic": prefix + "stripe.events",
+                       "stripe_events_dlq_topic": prefix + "stripe.events.dlq",
                        "consumer_group": prefix + "processor"}}
     shape_dir = workdir / name
     shape_dir.mkdir()

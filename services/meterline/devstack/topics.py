@@ -13,6 +13,9 @@ def topic_partitions(settings: Settings) -> dict[str, int]:
         k.usage_dlq_topic: k.partitions,
         k.aggregates_topic: k.partitions,
         k.balance_changes_topic: k.partitions,
+        k.aggregates_dlq_topic: k.partitions,
+        k.stripe_events_topic: k.partitions,
+        k.stripe_events_dlq_topic: k.partitions,
     }
 
 
