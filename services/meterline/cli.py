@@ -125,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-events", type=int, default=20_000)
     p.add_argument("--json", dest="json_path", help="also write results to this file")
     p.add_argument("--skip-baseline", action="store_true", help="skip the naive Faust baseline")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--stripe", action="store_true",
+                       help="Stripe sink throughput and debit->Stripe lag against the emulator")
+    which.add_argument("--bridge", action="store_true",
+                       help="webhook bridge requests/s and latency with signature verification")
+    which.add_argument("--api", action="store_true",
+                       help="balance and entitlement API latency under load")
+    # bench: stripe options
+    # bench: bridge options
+    # bench: api options
     p.set_defaults(func=_bench)
 
     # stripe sink / reconciler subcommands

@@ -128,6 +128,14 @@ class RelayConfig(_Frozen):
     metrics_port: int = Field(default=9465, ge=0, le=65535)
 
 
+class BillingConfig(_Frozen):
+    """Billing state shared by the ledger consumer (writes it) and the API (reads it)."""
+
+    # A customer whose Stripe invoice payment failed is past due until an invoice is paid.
+    # block: entitlement checks answer no while past due; allow: past due is only reported.
+    past_due_policy: Literal["block", "allow"] = "block"
+
+
 # --- stripe sink / reconciler config classes go here ---
 
 # --- webhook bridge config classes go here ---
@@ -147,6 +155,7 @@ class Settings(_Frozen):
     meters: tuple[MeterConfig, ...] = ()
     plans: tuple[PlanConfig, ...] = ()
     customers: tuple[CustomerConfig, ...] = ()
+    billing: BillingConfig = BillingConfig()
     # stripe sink / reconciler settings
     # webhook bridge settings
     # ledger consumer settings

@@ -237,6 +237,23 @@ async def _main(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: 
 
 
 def run(args: argparse.Namespace) -> int:
+    """`meterline bench`: the core pipeline by default; `--stripe`, `--bridge`, `--api` pick one."""
+    if getattr(args, "stripe", False):
+        from meterline.devstack import bench_stripe
+
+        return bench_stripe.run(args)
+    if getattr(args, "bridge", False):
+        from meterline.devstack import bench_bridge
+
+        return bench_bridge.run(args)
+    if getattr(args, "api", False):
+        from meterline.devstack import bench_api
+
+        return bench_api.run(args)
+    return _run_core(args)
+
+
+def _run_core(args: argparse.Namespace) -> int:
     import logging
     import shutil
 
