@@ -70,8 +70,27 @@ def _bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
-# stripe sink / reconciler handlers
+def _stripe_sink(args: argparse.Namespace) -> int:
+    from meterline.stripe.sink import run
+
+    run(_settings(args))
+    return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from meterline.stripe.reconcile import run
+
+    return run(_settings(args), args)
+
+
 # webhook bridge handler
+def _webhook_bridge(args: argparse.Namespace) -> int:
+    from meterline.webhooks.bridge import run
+
+    run(_settings(args))
+    return 0
+
+
 # ledger consumer handler
 # api handler
 
@@ -134,11 +153,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="balance and entitlement API latency under load")
     # bench: stripe options
     # bench: bridge options
+    p.add_argument("--bridge-requests", type=int, default=20_000, help="--bridge: webhooks sent")
+    p.add_argument("--bridge-concurrency", type=int, default=64,
+                   help="--bridge: requests in flight at once")
+    p.add_argument("--bridge-in-process", action="store_true",
+                   help="--bridge: run the bridge in the bench's process, not a subprocess")
     # bench: api options
     p.set_defaults(func=_bench)
 
-    # stripe sink / reconciler subcommands
+    sub.add_parser("stripe-sink", help="report usage.aggregates to Stripe meter events").set_defaults(
+        func=_stripe_sink)
+
+    p = sub.add_parser("reconcile", help="ledger vs sink reports vs Stripe meter event summaries")
+    p.add_argument("--every", type=float, default=None,
+                   help="repeat every S seconds (default: reconcile.every_seconds; 0 = once)")
+    p.add_argument("--out", help="report directory (default: reconcile.report_dir)")
+    p.add_argument("--no-resubmit", action="store_true",
+                   help="only report; do not queue anything again for Stripe")
+    p.add_argument("--period", choices=["hour", "day", "month"],
+                   help="billing period to compare (default: reconcile.period)")
+    p.set_defaults(func=_reconcile)
     # webhook bridge subcommand
+    sub.add_parser(
+        "webhook-bridge", help="Stripe webhooks -> verified events on stripe.events (HTTP)"
+    ).set_defaults(func=_webhook_bridge)
     # ledger consumer subcommand
     # api subcommand
     return parser

@@ -13,7 +13,7 @@ import os
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -39,7 +39,11 @@ class MeterConfig(_Frozen):
     value_property: str | None = None
     # Credits debited per unit of the aggregated quantity (e.g. 0.001 = 1 credit per 1,000 calls).
     credits_per_unit: Decimal = Field(ge=0)
+    # Stripe meter this meter reports to (its event_name); None = not billed through Stripe.
     stripe_event_name: str | None = None
+    # The Stripe meter's payload keys (customer_mapping / value_settings event_payload_key).
+    stripe_customer_key: str = "stripe_customer_id"
+    stripe_value_key: str = "value"
 
     @model_validator(mode="after")
     def _value_property_needed(self) -> MeterConfig:
@@ -136,13 +140,145 @@ class BillingConfig(_Frozen):
     past_due_policy: Literal["block", "allow"] = "block"
 
 
-# --- stripe sink / reconciler config classes go here ---
+class StripeConfig(_Frozen):
+    """The Stripe sink (`meterline stripe-sink`) and how it talks to Stripe.
+
+    The API key is never in YAML: `STRIPE_API_KEY` or `STRIPE_API_KEY_FILE`.
+    """
+
+    # None = api.stripe.com; a URL = the local emulator (`meterline stripe-emulator`).
+    api_base: str | None = None
+    # v1: one POST /v1/billing/meter_events per report; v2: meter event stream, <= 100 a call.
+    transport: Literal["v1", "v2"] = "v1"
+    # Our own token bucket, in requests/s (Stripe live mode allows ~1,000/s per account;
+    # test mode far less: set ~20 there). A v2 stream call counts as one request.
+    rate_limit_per_second: float = Field(default=500, gt=0)
+    max_concurrency: int = Field(default=32, ge=1)
+    # Consecutive windows of one (customer, meter) within one interval become one Stripe
+    # event (0 = one event per window aggregate). Must divide a day.
+    coalesce_interval_seconds: int = Field(default=60, ge=0)
+    # A bucket's report is sealed (and sent) this long after the bucket ends; aggregates
+    # arriving later go into the next report of the bucket.
+    seal_grace_seconds: float = Field(default=10, ge=0)
+    request_timeout_seconds: float = Field(default=10, gt=0)
+    retry_base_seconds: float = Field(default=0.5, gt=0)
+    retry_max_seconds: float = Field(default=60, gt=0)
+    # Circuit breaker: open after this many consecutive 5xx/network failures, probe after.
+    circuit_failure_threshold: int = Field(default=10, ge=1)
+    circuit_recovery_seconds: float = Field(default=30, gt=0)
+    # A claimed report not finished within this lease is claimed again (crashed sink).
+    lease_seconds: float = Field(default=60, gt=0)
+    # v2: open a new session this long before the current one expires (they last 15 min).
+    session_refresh_margin_seconds: float = Field(default=60, ge=0)
+    consumer_group: str = "meterline-stripe-sink"
+    poll_interval_ms: int = Field(default=200, ge=10)
+    metrics_port: int = Field(default=9466, ge=0, le=65535)
+
+    @field_validator("coalesce_interval_seconds")
+    @classmethod
+    def _divides_a_day(cls, v: int) -> int:
+        if v and 86_400 % v:
+            raise ValueError("must divide 86400 so buckets never straddle a billing period")
+        return v
+
+
+class ReconcileConfig(_Frozen):
+    """`meterline reconcile`: ledger vs sink reports vs Stripe's meter event summaries."""
+
+    # Billing periods compared (UTC calendar periods).
+    period: Literal["hour", "day", "month"] = "month"
+    # How many periods back from the current one are checked.
+    lookback_periods: int = Field(default=1, ge=0)
+    # Flag (and alert on) a (customer, meter, period) whose variance exceeds this.
+    threshold_percent: Decimal = Field(default=Decimal(1), ge=0)
+    # Resubmit what Stripe never acknowledged (same identifiers, so safe within
+    # Stripe's 24 h identifier dedupe; older accepted reports are only flagged).
+    resubmit: bool = True
+    resubmit_horizon_hours: float = Field(default=23, gt=0, le=24)
+    # Do not judge reports sealed less than this long ago (still in flight).
+    settle_seconds: float = Field(default=30, ge=0)
+    report_dir: str = "reconcile-reports"
+    every_seconds: float = Field(default=0, ge=0)  # 0 = one-shot
+    metrics_port: int = Field(default=9467, ge=0, le=65535)
 
 # --- webhook bridge config classes go here ---
 
+
+class WebhookBridgeConfig(_Frozen):
+    """`meterline webhook-bridge`: Stripe webhooks in, verified events to `kafka.stripe_events_topic`.
+
+    The signing secrets are never in YAML: `STRIPE_WEBHOOK_SECRETS` (comma-separated)
+    or `STRIPE_WEBHOOK_SECRETS_FILE` (one per line), read once at start-up.
+    """
+
+    host: str = "0.0.0.0"
+    # Serves POST /webhooks/stripe and /healthz, /readyz, /metrics.
+    port: int = Field(default=8081, ge=0, le=65535)
+    # A signature older (or further in the future) than this is rejected; Stripe's libraries use 300.
+    tolerance_seconds: int = Field(default=300, ge=1)
+    # Larger bodies get 413; must stay under Kafka's default 1 MB message size.
+    max_body_bytes: int = Field(default=262_144, ge=1024, le=1_000_000)
+    # Longest wait for the broker's ack before answering 503 (Stripe retries for days).
+    delivery_timeout_ms: int = Field(default=5_000, ge=100)
+    # How long librdkafka keeps trying a message, even after we answered 503 for it. Longer
+    # than the delivery timeout, so a short outage does not expire in-flight idempotent
+    # messages (which forces a producer epoch bump).
+    message_timeout_ms: int = Field(default=60_000, ge=1000)
+    # /readyz is 200 while a metadata probe or a delivery succeeded within 3 intervals.
+    readiness_probe_interval_ms: int = Field(default=2_000, ge=100)
+
+
 # --- ledger consumer config classes go here ---
 
+
+class LedgerConsumerConfig(_Frozen):
+    """`meterline ledger-consumer`: Stripe events -> grants, plan periods, refund voids, past due.
+
+    Prices map to meterline through Stripe metadata (`meterline_plan`,
+    `meterline_credits` on the price) or the two maps below, which win over metadata.
+    """
+
+    consumer_group: str = "meterline-ledger-consumer"
+    metrics_port: int = Field(default=9468, ge=0, le=65535)
+    # Credits bought (Checkout, credit-pack invoices) expire this many days after the
+    # purchase; None = never.
+    purchased_credit_expiry_days: float | None = Field(default=None, gt=0)
+    # Burn order of bought credits (lower burns first): after plans' default 10, so the
+    # included credits, which reset, are used before the ones a customer paid for.
+    purchased_credit_priority: int = 20
+    # Stripe price id -> meterline plan key (a subscription price).
+    plan_by_price: dict[str, str] = Field(default_factory=dict)
+    # Stripe price id -> credits per unit (a credit-pack price).
+    credits_by_price: dict[str, Annotated[Decimal, Field(gt=0)]] = Field(default_factory=dict)
+    max_poll_records: int = Field(default=500, ge=1)
+    # Postgres or the DLQ unavailable: the same event is retried, backing off up to this.
+    retry_max_seconds: float = Field(default=5, gt=0)
+
 # --- api config classes go here ---
+
+
+class ApiConfig(_Frozen):
+    """`meterline api`: the HTTP API (balance, entitlements, usage, ledger, exports, grants).
+
+    Bearer tokens are never in YAML: `METERLINE_API_TOKENS` (comma-separated) or
+    `METERLINE_API_TOKENS_FILE` (one per line), read once at start-up.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # Fixed-size asyncpg pool (min = max): no connection churn on the hot path.
+    pool_size: int = Field(default=8, ge=1, le=200)
+    # A query still running after this is cancelled and the request answers 503.
+    query_timeout_seconds: float = Field(default=5, gt=0)
+    # Projected depletion uses the credits burned over at least this long (hourly rollups).
+    burn_rate_lookback_seconds: int = Field(default=3600, ge=60)
+    ledger_page_size: int = Field(default=100, ge=1)
+    ledger_max_page_size: int = Field(default=1000, ge=1)
+    # Longest from..to a usage query may span.
+    usage_max_days: int = Field(default=400, ge=1)
+    # Rows the CSV export fetches per round trip from its server-side cursor.
+    export_fetch_rows: int = Field(default=1000, ge=10)
+    max_body_bytes: int = Field(default=65_536, ge=1024)
 
 
 class Settings(_Frozen):
@@ -156,10 +292,14 @@ class Settings(_Frozen):
     plans: tuple[PlanConfig, ...] = ()
     customers: tuple[CustomerConfig, ...] = ()
     billing: BillingConfig = BillingConfig()
-    # stripe sink / reconciler settings
+    stripe: StripeConfig = StripeConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
     # webhook bridge settings
+    webhook_bridge: WebhookBridgeConfig = WebhookBridgeConfig()
     # ledger consumer settings
+    ledger_consumer: LedgerConsumerConfig = LedgerConsumerConfig()
     # api settings
+    api: ApiConfig = ApiConfig()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
@@ -173,6 +313,9 @@ class Settings(_Frozen):
         for c in self.customers:
             if c.plan and c.plan not in plans:
                 raise ValueError(f"customers: {c.id!r} refers to unknown plan {c.plan!r}")
+        for price, plan in self.ledger_consumer.plan_by_price.items():
+            if plan not in plans:
+                raise ValueError(f"ledger_consumer.plan_by_price: {price!r} refers to unknown plan {plan!r}")
         return self
 
     def meter_for_type(self) -> dict[str, MeterConfig]:
@@ -203,10 +346,15 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from exc
 
 
+# METERLINE_* variables that are not settings: the config path, and secrets that their
+# services read once at start-up (kept out of Settings so they are never dumped or logged).
+_NOT_SETTINGS = frozenset({"METERLINE_CONFIG", "METERLINE_API_TOKENS", "METERLINE_API_TOKENS_FILE"})
+
+
 def _env_overrides() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in os.environ.items():
-        if not name.startswith("METERLINE_") or name == "METERLINE_CONFIG":
+        if not name.startswith("METERLINE_") or name in _NOT_SETTINGS:
             continue
         path = name[len("METERLINE_") :].lower().split("__")
         node = out

@@ -86,19 +86,154 @@ OUTBOX_FAILURES = Counter(
 )
 
 # --- stripe sink ---------------------------------------------------------------
-# (metrics for stripe sink go here)
+STRIPE_REQUESTS = Counter(
+    "meterline_stripe_requests_total",
+    "Requests to Stripe's meter event APIs, by transport and outcome "
+    "(accepted, duplicate, rejected, rate_limited, retryable_error)",
+    ["transport", "outcome"],
+)
+STRIPE_REQUEST_DURATION = Histogram(
+    "meterline_stripe_request_duration_seconds", "Duration of one Stripe request", ["transport"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+STRIPE_EVENTS_ACCEPTED = Counter(
+    "meterline_stripe_events_accepted_total", "Meter events (reports) Stripe accepted"
+)
+STRIPE_RETRIES = Counter(
+    "meterline_stripe_retries_total", "Reports scheduled for another attempt, by error code",
+    ["code"],
+)
+STRIPE_REPORTS_REJECTED = Counter(
+    "meterline_stripe_reports_rejected_total",
+    "Reports Stripe refused (non-retryable) and sent to the aggregates DLQ, by error code",
+    ["code"],
+)
+STRIPE_CIRCUIT_OPEN = Gauge(
+    "meterline_stripe_circuit_open", "1 while the circuit breaker keeps the sink off Stripe"
+)
+STRIPE_UNFINISHED_REPORTS = Gauge(
+    "meterline_stripe_unfinished_reports", "Reports not yet accepted or rejected, by status",
+    ["status"],
+)
+STRIPE_OLDEST_UNSENT_AGE = Gauge(
+    "meterline_stripe_oldest_unsent_age_seconds",
+    "Age of the oldest sealed report Stripe has not accepted yet",
+)
+STRIPE_AGGREGATES_STAGED = Counter(
+    "meterline_stripe_aggregates_staged_total", "Window aggregates the sink took on"
+)
+STRIPE_AGGREGATES_SKIPPED = Counter(
+    "meterline_stripe_aggregates_skipped_total",
+    "Aggregates not reported to Stripe, by reason (not_billed, already_staged)", ["reason"],
+)
+DEBIT_TO_STRIPE_LATENCY = Histogram(
+    "meterline_debit_to_stripe_latency_seconds",
+    "From an aggregate's debit commit to Stripe accepting the event that carries it",
+    buckets=(0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 3600),
+)
 
 # --- reconciler ---------------------------------------------------------------
-# (metrics for reconciler go here)
+RECONCILE_VARIANCE = Gauge(
+    "meterline_reconcile_variance_ratio",
+    "Largest |ledger - Stripe| / ledger over customers in the last reconciliation, by meter",
+    ["meter"],
+)
+RECONCILE_FLAGGED = Gauge(
+    "meterline_reconcile_flagged", "(customer, meter, period) rows over the variance threshold"
+)
+RECONCILE_RESUBMITTED = Counter(
+    "meterline_reconcile_resubmitted_total",
+    "Aggregates or reports the reconciler queued again for Stripe, by kind", ["kind"],
+)
+RECONCILE_LAST_RUN = Gauge(
+    "meterline_reconcile_last_run_timestamp_seconds", "Unix time of the last completed reconciliation"
+)
 
 # --- webhook bridge ---------------------------------------------------------------
 # (metrics for webhook bridge go here)
+# `outcome` is a closed set (meterline.webhooks.intake.Outcome): accepted, too_large,
+# missing_signature, malformed_signature, bad_signature, expired, future_timestamp,
+# malformed_body, kafka_unavailable. Event types are open-ended, so never a label.
+WEBHOOK_REQUESTS = Counter(
+    "meterline_webhook_requests_total",
+    "Stripe webhook requests, by outcome (accepted = durably in Kafka, or why not)", ["outcome"],
+)
+WEBHOOK_REQUEST_DURATION = Histogram(
+    "meterline_webhook_request_duration_seconds",
+    "Stripe webhook request duration (accepted includes the broker's ack)", ["outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+WEBHOOK_BROKER_READY = Gauge(
+    "meterline_webhook_broker_ready",
+    "1 while the bridge's producer recently reached the broker (what /readyz answers), else 0",
+)
+WEBHOOK_PRODUCER_RESETS = Counter(
+    "meterline_webhook_producer_resets_total",
+    "Kafka producers the bridge replaced after a fatal or fencing error",
+)
 
 # --- ledger consumer (Stripe events) ---------------------------------------------------------------
 # (metrics for ledger consumer (Stripe events) go here)
+STRIPE_EVENTS = Counter(
+    "meterline_stripe_events_total",
+    "Stripe events consumed, by type (known types, else 'other') and outcome",
+    ["type", "outcome"],  # outcome: applied | duplicate | ignored | dlq
+)
+STRIPE_EVENTS_REJECTED = Counter(
+    "meterline_stripe_events_rejected_total", "Stripe events dead-lettered, by reason", ["reason"]
+)
+STRIPE_GRANTS = Counter(
+    "meterline_grants_from_stripe_total", "Grants made from Stripe events, by grant source",
+    ["source"],  # stripe_checkout | stripe_invoice | stripe_subscription
+)
+STRIPE_GRANTED_CREDITS = Counter(
+    "meterline_stripe_granted_credits_total", "Credits granted from Stripe events, by grant source",
+    ["source"],
+)
+STRIPE_VOIDED_CREDITS = Counter(
+    "meterline_stripe_voided_credits_total", "Credits of refunded purchases voided"
+)
+CUSTOMERS_PAST_DUE = Gauge(
+    "meterline_customers_past_due", "Customers flagged past due (a Stripe invoice payment failed)"
+)
+STRIPE_EVENT_LAG = Histogram(
+    "meterline_stripe_event_lag_seconds", "Stripe event created -> applied to the ledger",
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 6 * 3600, 86400, 3 * 86400),
+)
+LEDGER_CONSUMER_RETRIES = Counter(
+    "meterline_ledger_consumer_retries_total",
+    "Stripe events whose apply failed transiently and is retried", ["reason"],  # postgres | dlq
+)
+LEDGER_CONSUMER_LAST_COMMIT = Gauge(
+    "meterline_ledger_consumer_last_commit_timestamp_seconds",
+    "Unix time of the last Kafka offset commit of the ledger consumer",
+)
 
 # --- api ---------------------------------------------------------------
 # (metrics for api go here)
+API_REQUESTS = Counter(
+    "meterline_api_requests_total", "API requests answered, by route template and status code",
+    ["route", "status"],
+)
+# Sub-millisecond buckets: balance and entitlement checks aim at p99 < 10 ms.
+API_REQUEST_DURATION = Histogram(
+    "meterline_api_request_duration_seconds", "API request handling time, by route template",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+             2.5, 10),
+)
+API_AUTH_FAILURES = Counter(
+    "meterline_api_auth_failures_total", "Requests refused for a missing or wrong bearer token",
+    ["reason"],  # missing | invalid
+)
+API_MANUAL_CREDITS = Counter(
+    "meterline_api_manual_credit_changes_total",
+    "Manual grants and adjustments applied through the API (idempotent repeats not counted)",
+    ["kind"],  # grant | adjustment
+)
+API_EXPORT_ROWS = Counter(
+    "meterline_api_export_rows_total", "Window aggregate rows streamed by CSV exports"
+)
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -89,7 +90,7 @@ async def test_customer_and_meter_round_trip(make_env: EnvFactory) -> None:
     assert meters.data[0].customer_mapping.event_payload_key == "stripe_customer_id"
 
 
-async def test_v1_event_accepted_and_duplicate_identifier_counted_once(
+async def test_v1_event_accepted_and_duplicate_identifier_refused_like_stripe(
     make_env: EnvFactory,
 ) -> None:
     async with make_env() as env:
@@ -97,14 +98,50 @@ async def test_v1_event_accepted_and_duplicate_identifier_counted_once(
         params = {"event_name": "api_calls", "identifier": "win-1",
                   "payload": {"stripe_customer_id": cus, "value": "12.345"}, "timestamp": T0 - 60}
         first = await env.client.v1.billing.meter_events.create_async(params)
-        again = await env.client.v1.billing.meter_events.create_async(
-            {**params, "payload": {"stripe_customer_id": cus, "value": "999"}})
+        with pytest.raises(stripe.InvalidRequestError) as err:
+            await env.client.v1.billing.meter_events.create_async(
+                {**params, "payload": {"stripe_customer_id": cus, "value": "999"}})
         summary = await env.summary(meter, cus)
 
     assert first.identifier == "win-1" and first.timestamp == T0 - 60
-    assert again.to_dict() == first.to_dict()
+    assert err.value.http_status == 400
+    assert "An event already exists with identifier win-1" in str(err.value.user_message)
+    assert err.value.headers is not None and err.value.headers.get("Stripe-Should-Retry") == "false"
     assert Decimal(str(summary.aggregated_value)) == Decimal("12.345")
     assert len(env.emulator.events) == 1
+
+
+async def test_concurrent_v1_calls_for_one_customer_and_meter_get_429(
+    make_env: EnvFactory,
+) -> None:
+    async with make_env(latency_seconds=0.2) as env:
+        cus, _ = await env.customer_and_meter()
+
+        def call(i: int) -> Any:
+            return env.client.v1.billing.meter_events.create_async({
+                "event_name": "api_calls", "identifier": f"c-{i}", "timestamp": T0 - 60,
+                "payload": {"stripe_customer_id": cus, "value": "1"}})
+
+        results = await asyncio.gather(call(1), call(2), return_exceptions=True)
+
+    refused = [r for r in results if isinstance(r, stripe.RateLimitError)]
+    assert len(refused) == 1 and len(env.emulator.events) == 1
+
+
+async def test_dropped_event_is_forgotten(make_env: EnvFactory) -> None:
+    async with make_env() as env:
+        cus, meter = await env.customer_and_meter()
+        params = {"event_name": "api_calls", "identifier": "gone-1", "timestamp": T0 - 60,
+                  "payload": {"stripe_customer_id": cus, "value": "5"}}
+        await env.client.v1.billing.meter_events.create_async(params)
+        async with aiohttp.ClientSession() as http:
+            async with http.delete(f"{env.url}/_emulator/events/gone-1") as resp:
+                assert resp.status == 200
+            async with http.delete(f"{env.url}/_emulator/events/gone-1") as resp:
+                assert resp.status == 404
+        assert (await env.summary(meter, cus)).aggregated_value == 0
+        await env.client.v1.billing.meter_events.create_async(params)  # accepted again
+        assert (await env.summary(meter, cus)).aggregated_value == 5
 
 
 async def test_unknown_customer_rejected_with_code(make_env: EnvFactory) -> None:

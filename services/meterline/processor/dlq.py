@@ -24,18 +24,26 @@ class DlqUnavailable(Exception):
     """DLQ messages could not be delivered; offsets must not advance past them."""
 
 
-def dlq_headers(rejection: Rejection, topic: str, partition: int) -> Headers:
+def dead_letter_headers(reason: str, detail: str, topic: str, partition: int | None,
+                        offset: int | None, **extra: object) -> Headers:
+    """The headers every meterline dead letter carries (schemas/dlq-headers.md);
+    `extra` adds `meterline.<name>` headers (None values are left out)."""
     headers: Headers = [
-        ("meterline.reason", rejection.reason.value.encode()),
-        ("meterline.detail", rejection.detail[:1000].encode()),
+        ("meterline.reason", reason.encode()),
+        ("meterline.detail", detail[:1000].encode()),
         ("meterline.original.topic", topic.encode()),
         ("meterline.original.partition", str(partition).encode()),
-        ("meterline.original.offset", str(rejection.offset).encode()),
+        ("meterline.original.offset", str(offset).encode()),
         ("meterline.rejected_at_ms", str(int(time.time() * 1000)).encode()),
     ]
-    if rejection.batch_index is not None:
-        headers.append(("meterline.original.batch_index", str(rejection.batch_index).encode()))
+    headers += [(f"meterline.{k}", str(v)[:1000].encode()) for k, v in extra.items() if v is not None]
     return headers
+
+
+def dlq_headers(rejection: Rejection, topic: str, partition: int) -> Headers:
+    return dead_letter_headers(
+        rejection.reason.value, rejection.detail, topic, partition, rejection.offset,
+        **{"original.batch_index": rejection.batch_index})
 
 
 class DlqWriter:
@@ -55,15 +63,16 @@ class DlqWriter:
         n = 0
         for r in rejections:
             headers = dlq_headers(r, self.source_topic, partition)
-            self._produce(key, r.payload, headers, r.reason.value)
+            self.publish(key, r.payload, headers, r.reason.value)
             n += 1
         if n:
             self._producer.poll(0)
         return n
 
-    def _produce(
+    def publish(
         self, key: bytes | None, value: bytes, headers: Headers, reason: str
     ) -> None:
+        """Queue one dead letter; `settle()` confirms it (counted by topic and reason)."""
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
                 self._failed.append((key, value, headers, reason))
@@ -86,7 +95,7 @@ class DlqWriter:
                 return
             retry, self._failed = self._failed, []
             for key, value, headers, reason in retry:
-                self._produce(key, value, headers, reason)
+                self.publish(key, value, headers, reason)
         raise DlqUnavailable(f"{len(self._failed)} DLQ messages undelivered")
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -122,7 +123,14 @@ def register(app: web.Application, emu: StripeEmulator) -> None:  # noqa: C901 -
 
     async def create_meter_event(request: web.Request) -> web.Response:
         form = parse_form((await request.post()).items())
-        record = emu.ingest(form.get("event_name"), form.get("payload"), form.get("identifier"),
+        payload = form.get("payload")
+        meter = emu._meter_for(str(form.get("event_name")))
+        if isinstance(payload, dict) and meter is not None:
+            customer = payload.get(meter["customer_mapping"]["event_payload_key"])
+            await emu.hold_customer_meter(str(customer), meter["event_name"])
+        elif emu.latency_seconds or emu.latency_jitter_seconds:
+            await asyncio.sleep(emu.latency())
+        record = emu.ingest(form.get("event_name"), payload, form.get("identifier"),
                             _int_param(form, "timestamp", required=False), "v1")
         return json_response(record.to_stripe())
 
@@ -196,6 +204,10 @@ def register(app: web.Application, emu: StripeEmulator) -> None:  # noqa: C901 -
     async def inspect_errors(request: web.Request) -> web.Response:
         return json_response({"data": emu.error_reports})
 
+    async def drop_event(request: web.Request) -> web.Response:
+        dropped = emu.drop_event(request.match_info["identifier"])
+        return json_response({"deleted": dropped}, 200 if dropped else 404)
+
     app.router.add_post("/v1/customers", create_customer)
     app.router.add_get("/v1/customers/{id}", get_customer)
     app.router.add_post("/v1/billing/meters", create_meter)
@@ -207,3 +219,4 @@ def register(app: web.Application, emu: StripeEmulator) -> None:  # noqa: C901 -
     app.router.add_post("/v2/billing/meter_event_stream", meter_event_stream)
     app.router.add_get("/_emulator/events", inspect_events)
     app.router.add_get("/_emulator/errors", inspect_errors)
+    app.router.add_delete("/_emulator/events/{identifier}", drop_event)

@@ -116,11 +116,14 @@ class StripeEmulator:
         rate_limit_per_second: float | None = None,
         failure_rate: float = 0.0,
         latency_seconds: float = 0.0,
+        latency_jitter_seconds: float = 0.0,
         seed: int | None = None,
     ) -> None:
         self.clock = clock
         self.failure_rate = failure_rate
         self.latency_seconds = latency_seconds
+        self.latency_jitter_seconds = latency_jitter_seconds
+        self._in_flight: set[tuple[str, str]] = set()
         self.random = random.Random(seed)
         self.customers: dict[str, dict[str, Any]] = {}
         self.meters: dict[str, dict[str, Any]] = {}
@@ -152,12 +155,21 @@ class StripeEmulator:
         self, event_name: Any, payload: Any, identifier: str | None, timestamp: int | None,
         source: str,
     ) -> MeterEventRecord:
-        """Validate and record one meter event, or raise ``StripeHTTPError`` (400)."""
+        """Validate and record one meter event, or raise ``StripeHTTPError`` (400).
+
+        A repeated ``identifier`` within 24 h is refused the way Stripe refuses it on v1
+        (400, "An event already exists with identifier ...", ``Stripe-Should-Retry: false``)
+        and counted once; the v2 stream drops it silently (its validation is asynchronous).
+        """
         now = self.now()
         if identifier:
             seen = self._by_identifier.get(identifier)
             if seen and now - seen[1] < DEDUPE_WINDOW_SECONDS:
-                return seen[0]
+                if source == "v2":
+                    return seen[0]
+                raise StripeHTTPError(
+                    400, f"An event already exists with identifier {identifier}.",
+                    param="identifier", headers={"Stripe-Should-Retry": "false"})
         if not isinstance(event_name, str) or not event_name:
             raise StripeHTTPError(400, "Missing required param: event_name.",
                                   code="parameter_missing", param="event_name")
@@ -205,6 +217,34 @@ class StripeEmulator:
         self._by_identifier[record.identifier] = (record, now)
         return record
 
+    def drop_event(self, identifier: str) -> bool:
+        """Forget an accepted event and its identifier, as if Stripe had never received it
+        (test hook for the reconciler's repair path)."""
+        seen = self._by_identifier.pop(identifier, None)
+        if seen is None:
+            return False
+        self.events.remove(seen[0])
+        return True
+
+    async def hold_customer_meter(self, customer: str, event_name: str) -> None:
+        """Stripe allows one concurrent v1 meter-event call per (customer, meter): while one
+        is in flight (its latency), a second is refused with 429 ``rate_limit``."""
+        key = (customer, event_name)
+        if key in self._in_flight:
+            raise StripeHTTPError(
+                429, "Too many concurrent requests for this customer and meter.",
+                code="rate_limit")
+        self._in_flight.add(key)
+        try:
+            await asyncio.sleep(self.latency())
+        finally:
+            self._in_flight.discard(key)
+
+    def latency(self) -> float:
+        """Injected latency of one request: fixed part plus uniform random jitter."""
+        jitter = self.random.uniform(0, self.latency_jitter_seconds) if self.latency_jitter_seconds else 0
+        return self.latency_seconds + jitter
+
     def summarize(self, meter_id: str, customer: str, start: int, end: int) -> Decimal:
         formula = self.meters[meter_id]["default_aggregation"]["formula"]
         hits = [e for e in self.events
@@ -227,8 +267,10 @@ class StripeEmulator:
         if request.path.startswith("/_emulator"):
             return await handler(request)
         try:
-            if self.latency_seconds > 0:
-                await asyncio.sleep(self.latency_seconds)
+            # v1 meter events take their latency while holding the (customer, meter) slot
+            if request.path != "/v1/billing/meter_events" and (
+                    self.latency_seconds or self.latency_jitter_seconds):
+                await asyncio.sleep(self.latency())
             if self._bucket is not None and not self._bucket.take(self.clock()):
                 raise StripeHTTPError(
                     429, "Request rate limit exceeded. Please retry after a short delay.",

@@ -1,0 +1,204 @@
+"""The Stripe sink against the local Stripe emulator, the real broker and Postgres.
+
+Aggregates are produced straight onto the aggregates topic here (the full path from usage
+events through the processor and relay is in tests/e2e/test_stripe_end_to_end.py), with
+matching `window_aggregates` rows, so each test controls exactly what Stripe should get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from meterline.config import Settings
+from meterline.stripe.emulator import StripeEmulator, serve
+from meterline.stripe.provision import ensure_customers, ensure_meters
+from meterline.stripe.sink import StripeSink, start_sink, stop_sink
+from meterline.stripe.transport import Stripe
+
+from .harness import read_messages, wait_until
+
+pytestmark = pytest.mark.integration
+
+METERS = [
+    {"key": "api_calls", "event_type": "api_request", "aggregation": "count",
+     "credits_per_unit": "0.001", "stripe_event_name": "api_calls"},
+    {"key": "gpu_seconds", "event_type": "gpu_usage", "aggregation": "sum",
+     "value_property": "seconds", "credits_per_unit": "0.01", "stripe_event_name": "gpu_seconds"},
+    {"key": "internal", "event_type": "internal", "aggregation": "count",
+     "credits_per_unit": "0"},  # not billed through Stripe
+]
+
+
+@dataclass
+class Env:
+    settings: Settings
+    emulator: StripeEmulator
+    url: str
+    pool: asyncpg.Pool
+    stripe_ids: dict[str, str]
+
+    def produce(self, aggregates: list[dict[str, Any]]) -> None:
+        p = Producer({"bootstrap.servers": self.settings.kafka.bootstrap_servers})
+        for a in aggregates:
+            p.produce(self.settings.kafka.aggregates_topic, orjson.dumps(a), a["customer"].encode())
+        assert p.flush(10) == 0
+
+    async def record_aggregates(self, aggregates: list[dict[str, Any]]) -> None:
+        """The `window_aggregates` rows the processor would have written (the ledger side)."""
+        async with self.pool.acquire() as conn:
+            await conn.executemany(
+                """INSERT INTO window_aggregates (id, customer_id, meter, window_start, window_end,
+                       seq, quantity, window_value, event_count, credits, kafka_partition,
+                       first_offset, last_offset)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $7, 1, 0, 0, 0, 0)""",
+                [(a["id"], a["customer"], a["meter"], datetime.fromisoformat(a["window_start"]),
+                  datetime.fromisoformat(a["window_end"]), a["seq"], Decimal(a["quantity"]))
+                 for a in aggregates])
+
+    def stripe_totals(self) -> dict[tuple[str, str], Decimal]:
+        by_stripe = {v: k for k, v in self.stripe_ids.items()}
+        out: dict[tuple[str, str], Decimal] = {}
+        for e in self.emulator.events:
+            key = (by_stripe[e.customer], e.event_name)
+            out[key] = out.get(key, Decimal(0)) + e.value
+        return out
+
+
+def aggregate(customer: str, meter: str, window_start: datetime, quantity: str,
+              seq: int = 0) -> dict[str, Any]:
+    ident = hashlib.blake2b(f"{customer}|{meter}|{window_start}|{seq}".encode(),
+                            digest_size=12).hexdigest()
+    return {"id": f"agg_{ident}", "customer": customer, "meter": meter,
+            "window_start": window_start.isoformat(),
+            "window_end": (window_start + timedelta(seconds=1)).isoformat(),
+            "seq": seq, "correction": seq > 0, "quantity": quantity, "window_value": quantity,
+            "credits": "0", "event_count": 1}
+
+
+def ledger_totals(aggs: list[dict[str, Any]]) -> dict[tuple[str, str], Decimal]:
+    out: dict[tuple[str, str], Decimal] = {}
+    for a in aggs:
+        if a["meter"] == "internal":
+            continue
+        key = (a["customer"], a["meter"])
+        out[key] = out.get(key, Decimal(0)) + Decimal(a["quantity"])
+    return out
+
+
+@pytest.fixture
+def sink_env(pipeline_settings: Callable[..., Settings]) -> Callable[..., Any]:
+    @asynccontextmanager
+    async def make(customers: list[str], *, emulator: StripeEmulator | None = None,
+                   unmapped: dict[str, str] | None = None, **stripe: Any) -> AsyncIterator[Env]:
+        emu = emulator or StripeEmulator(seed=1)
+        runner = await serve("127.0.0.1", 0, emu)
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        settings = pipeline_settings(
+            customers=[{"id": c, "stripe_customer_id": (unmapped or {}).get(c)} for c in customers],
+            meters=METERS,
+            stripe={"api_base": url, "coalesce_interval_seconds": 2, "seal_grace_seconds": 0.3,
+                    "retry_base_seconds": 0.05, "retry_max_seconds": 0.5,
+                    "poll_interval_ms": 50, "metrics_port": 0,
+                    "consumer_group": f"sink-{url[-5:]}", **stripe})
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+        assert pool is not None
+        api = Stripe("sk_test_x", url, 10)
+        try:
+            await ensure_meters(api.client, settings)
+            async with pool.acquire() as conn:
+                await conn.executemany("INSERT INTO customers (id, stripe_customer_id) VALUES ($1, $2)",
+                                       [(c, (unmapped or {}).get(c)) for c in customers])
+            ids = await ensure_customers(api.client, pool, customers)
+            yield Env(settings, emu, url, pool, ids)
+        finally:
+            await api.close()
+            await pool.close()
+            await runner.cleanup()
+
+    return make
+
+
+async def _running(settings: Settings) -> tuple[StripeSink, asyncio.Task[None]]:
+    return await start_sink(settings)
+
+
+def windows(n: int, start: datetime | None = None) -> list[datetime]:
+    t0 = start or datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    t0 = t0 - timedelta(seconds=t0.second % 2)
+    return [t0 + timedelta(seconds=i) for i in range(n)]
+
+
+async def test_coalesced_reports_reach_stripe_exactly(sink_env: Callable[..., Any]) -> None:
+    customers = ["c1", "c2", "c3"]
+    async with sink_env(customers) as env:
+        ws = windows(6)
+        aggs = [aggregate(c, m, w, q)
+                for c in customers for m, q in (("api_calls", "3"), ("gpu_seconds", "0.1"),
+                                                ("internal", "9"))
+                for w in ws]
+        await env.record_aggregates(aggs)
+        env.produce(aggs + aggs[:5])  # a redelivered prefix changes nothing
+        sink, task = await start_sink(env.settings)
+        try:
+            want = ledger_totals(aggs)
+            await wait_until(lambda: asyncio.sleep(0, env.stripe_totals() == want), timeout=20,
+                             what="Stripe totals equal the ledger")
+            async with env.pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT status, aggregate_count, identifier FROM stripe_reports")
+        finally:
+            await stop_sink(sink, task)
+    # 6 one-second windows in 2-second buckets: 3 reports per (customer, billed meter)
+    assert len(rows) == len(customers) * 2 * 3
+    assert {r["status"] for r in rows} == {"accepted"}
+    assert {r["aggregate_count"] for r in rows} == {2}
+    assert all(r["identifier"].startswith("mlc_") for r in rows)
+    assert len(env.emulator.events) == len(rows)
+    assert env.stripe_totals()[("c1", "gpu_seconds")] == Decimal("0.6")  # exact, not 0.6000000001
+
+
+async def test_unknown_stripe_customer_goes_to_dlq_with_stripes_error(
+    sink_env: Callable[..., Any],
+) -> None:
+    async with sink_env(["good", "ghost"], unmapped={"ghost": "cus_doesnotexist"},
+                        coalesce_interval_seconds=0) as env:
+        [w] = windows(1)
+        aggs = [aggregate("good", "api_calls", w, "5"), aggregate("ghost", "api_calls", w, "7")]
+        await env.record_aggregates(aggs)
+        env.produce(aggs)
+        sink, task = await start_sink(env.settings)
+        try:
+            async def settled() -> bool:
+                async with env.pool.acquire() as conn:
+                    statuses = await conn.fetch("SELECT customer_id, status, error_code, identifier"
+                                                " FROM stripe_reports")
+                return sorted(r["status"] for r in statuses) == ["accepted", "rejected"]
+            await wait_until(settled, timeout=20, what="one report accepted, one rejected")
+            async with env.pool.acquire() as conn:
+                ghost = await conn.fetchrow(
+                    "SELECT * FROM stripe_reports WHERE customer_id = 'ghost'")
+        finally:
+            await stop_sink(sink, task)
+        dlq = read_messages(env.settings.kafka.bootstrap_servers,
+                            env.settings.kafka.aggregates_dlq_topic)
+    assert ghost["error_code"] == "meter_event_customer_not_found"
+    assert "No such customer" in ghost["last_error"]
+    assert ghost["identifier"] == aggs[1]["id"]  # one aggregate: its id is the identifier
+    [msg] = dlq
+    assert msg.headers["meterline.reason"] == b"meter_event_customer_not_found"
+    assert msg.headers["meterline.stripe.error_code"] == b"meter_event_customer_not_found"
+    body = orjson.loads(msg.value or b"")
+    assert body["aggregate_ids"] == [aggs[1]["id"]] and body["value"] == "7"
+    assert env.stripe_totals() == {("good", "api_calls"): Decimal(5)}
