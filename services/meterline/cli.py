@@ -93,6 +93,12 @@ def _webhook_bridge(args: argparse.Namespace) -> int:
 
 # ledger consumer handler
 # api handler
+def _api(args: argparse.Namespace) -> int:
+    from meterline.api import run
+
+    listen = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    run(load_settings(args.config, **({"api": listen} if listen else {})))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bridge-in-process", action="store_true",
                    help="--bridge: run the bridge in the bench's process, not a subprocess")
     # bench: api options
+    p.add_argument("--api-rate", type=float, default=1000,
+                   help="--api: requests/s offered (open loop), half balance, half entitlement")
+    p.add_argument("--api-seconds", type=float, default=30, help="--api: measured seconds")
+    p.add_argument("--api-warmup", type=float, default=5, help="--api: unmeasured seconds first")
+    p.add_argument("--api-customers", type=int, default=1000, help="--api: customers seeded")
+    p.add_argument("--api-windows", type=int, default=720,
+                   help="--api: window aggregates seeded per customer and meter (5 s apart)")
     p.set_defaults(func=_bench)
 
     sub.add_parser("stripe-sink", help="report usage.aggregates to Stripe meter events").set_defaults(
@@ -170,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report directory (default: reconcile.report_dir)")
     p.add_argument("--no-resubmit", action="store_true",
                    help="only report; do not queue anything again for Stripe")
+    p.add_argument("--retry-rejected", action="store_true",
+                   help="also queue reports Stripe refused again (after fixing their cause)")
     p.add_argument("--period", choices=["hour", "day", "month"],
                    help="billing period to compare (default: reconcile.period)")
     p.set_defaults(func=_reconcile)
@@ -179,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     ).set_defaults(func=_webhook_bridge)
     # ledger consumer subcommand
     # api subcommand
+    p = sub.add_parser("api", help="HTTP API: balance, entitlements, usage, ledger, export, grants")
+    p.add_argument("--host", help="listen address (default: api.host)")
+    p.add_argument("--port", type=int, help="listen port (default: api.port, 8080)")
+    p.set_defaults(func=_api)
     return parser
 
 

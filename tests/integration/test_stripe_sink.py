@@ -140,9 +140,12 @@ def windows(n: int, start: datetime | None = None) -> list[datetime]:
     return [t0 + timedelta(seconds=i) for i in range(n)]
 
 
-async def test_coalesced_reports_reach_stripe_exactly(sink_env: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("transport", ["v1", "v2"])
+async def test_coalesced_reports_reach_stripe_exactly(
+    sink_env: Callable[..., Any], transport: str,
+) -> None:
     customers = ["c1", "c2", "c3"]
-    async with sink_env(customers) as env:
+    async with sink_env(customers, transport=transport) as env:
         ws = windows(6)
         aggs = [aggregate(c, m, w, q)
                 for c in customers for m, q in (("api_calls", "3"), ("gpu_seconds", "0.1"),
@@ -202,3 +205,99 @@ async def test_unknown_stripe_customer_goes_to_dlq_with_stripes_error(
     body = orjson.loads(msg.value or b"")
     assert body["aggregate_ids"] == [aggs[1]["id"]] and body["value"] == "7"
     assert env.stripe_totals() == {("good", "api_calls"): Decimal(5)}
+
+
+async def test_reconciler_finds_and_repairs_dropped_reports(
+    sink_env: Callable[..., Any], tmp_path: Any,
+) -> None:
+    from meterline.stripe.reconcile import Reconciler
+
+    customers = ["c1", "c2"]
+    async with sink_env(customers, coalesce_interval_seconds=0) as env:
+        settings = env.settings.model_copy(update={"reconcile": env.settings.reconcile.model_copy(
+            update={"settle_seconds": 0, "report_dir": str(tmp_path)})})
+        ws = windows(4)
+        aggs = [aggregate(c, "gpu_seconds", w, "1.25") for c in customers for w in ws]
+        await env.record_aggregates(aggs)
+        env.produce(aggs)
+        want = ledger_totals(aggs)
+        api = Stripe("sk_test_x", env.url, 10)
+        sink, task = await start_sink(env.settings)
+        try:
+            await wait_until(lambda: asyncio.sleep(0, env.stripe_totals() == want), timeout=20,
+                             what="Stripe totals equal the ledger")
+            rec = Reconciler(settings, env.pool, api)
+            clean = await rec.run_once(resubmit=True)
+            assert clean.max_variance == 0 and not clean.flagged and len(clean.rows) == 2
+
+            # Stripe loses one accepted event; the sink loses all record of another aggregate.
+            assert env.emulator.drop_event(aggs[0]["id"])
+            async with env.pool.acquire() as conn:
+                rid = await conn.fetchval("SELECT report_id FROM stripe_report_items"
+                                          " WHERE aggregate_id = $1", aggs[5]["id"])
+                await conn.execute("DELETE FROM stripe_report_items WHERE report_id = $1", rid)
+                await conn.execute("DELETE FROM stripe_reports WHERE id = $1", rid)
+            env.emulator.drop_event(aggs[5]["id"])
+
+            found = await rec.run_once(resubmit=True)
+            by = {r.customer: r for r in found.rows}
+            assert {r.customer for r in found.flagged} == {"c1", "c2"}
+            assert by["c1"].stripe == Decimal("3.75") and by["c1"].ledger == Decimal("5.00")
+            assert by["c1"].variance == Decimal("0.25")
+            assert by["c1"].resubmitted_reports == 4  # all its accepted reports, sent again
+            assert by["c2"].unreported_aggregates == 1
+
+            await wait_until(lambda: asyncio.sleep(0, env.stripe_totals() == want), timeout=20,
+                             what="the repair to reach Stripe")
+            repaired = await rec.run_once(resubmit=True)
+        finally:
+            await stop_sink(sink, task)
+            await api.close()
+    assert repaired.max_variance == 0 and not repaired.flagged
+    # what Stripe already had was answered "already exists": still one event per aggregate
+    assert sorted(e.identifier for e in env.emulator.events) == sorted(a["id"] for a in aggs)
+    json_path, csv_path = repaired.write(tmp_path)
+    assert "max_variance" in json_path.read_text() and "c2,gpu_seconds" in csv_path.read_text()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_v2_session_renewed_before_expiry_and_after_stripe_says_expired() -> None:
+    from meterline.stripe.transport import MeterEvent, V2Transport
+
+    clock = FakeClock()
+    emu = StripeEmulator(clock=clock, seed=3)
+    runner = await serve("127.0.0.1", 0, emu)
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    api = Stripe("sk_test_x", url, 10)
+    try:
+        settings = Settings.model_validate({"meters": METERS[:1]})
+        await ensure_meters(api.client, settings)
+        cus = (await api.client.v1.customers.create_async({"name": "c"})).id
+
+        def batch(tag: str, n: int) -> list[MeterEvent]:
+            return [MeterEvent(f"{tag}-{i}", "api_calls", "stripe_customer_id", cus, "value",
+                               Decimal(1), int(clock.now) - 60) for i in range(n)]
+
+        early = V2Transport(api, refresh_margin=60, clock=clock)
+        assert {r.kind for r in await early.send(batch("a", 100))} == {"accepted"}
+        clock.now += 14.5 * 60  # inside the refresh margin: renewed before Stripe refuses it
+        assert {r.kind for r in await early.send(batch("b", 10))} == {"accepted"}
+        assert early.sessions_opened == 2 and not emu.error_reports
+
+        # No margin and a session Stripe already expired (clock skew): 401, renew, repeat.
+        late = V2Transport(api, refresh_margin=0, clock=lambda: 0.0)
+        assert {r.kind for r in await late.send(batch("c", 5))} == {"accepted"}
+        clock.now += 16 * 60
+        assert {r.kind for r in await late.send(batch("d", 5))} == {"accepted"}
+        assert late.sessions_opened == 2
+    finally:
+        await api.close()
+        await runner.cleanup()
+    assert len(emu.events) == 120 and {e.source for e in emu.events} == {"v2"}
