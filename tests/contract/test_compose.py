@@ -1,18 +1,20 @@
 """Contract tests for docker-compose.yml and deploy/: parsed and cross-checked, not run.
 
 The service graph holds together (every dependency exists, waits on health or on
-completion the right way), every meterline container runs the image built from
-deploy/Dockerfile with a command the real CLI parser accepts, and the mounted config
+completion the right way, every pipeline service waits for init), every meterline
+container runs the image built from deploy/Dockerfile with a command the real CLI parser
+accepts, each service listens on its own port and is health-checked and scraped there,
+secrets come from the environment with marked dev-only defaults, and the mounted config
 loads with the real `load_settings` under the environment compose gives it.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import re
 import shlex
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path, PurePosixPath
@@ -26,6 +28,15 @@ import yaml
 from meterline.cli import build_parser
 from meterline.config import Settings, load_settings
 
+from .deployment import (
+    PORT_SETTING,
+    SECRETS_USED,
+    SERVICE_PORTS,
+    check_meterline_argv,
+    configured_ports,
+    setting,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -36,6 +47,19 @@ CONFIG_IN_CONTAINER = "/etc/meterline/meterline.yaml"
 COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 METERLINE_SERVICES = sorted(set(SERVICES) - INFRA - MONITORING)
+ONE_SHOT = {"init", "load"}
+# The local Stripe: needs neither Kafka nor Postgres, so it waits for nothing.
+STANDALONE = {"stripe-emulator"}
+# The long-running pipeline services: each waits for init and is scraped by Prometheus.
+PIPELINE = sorted(set(METERLINE_SERVICES) - ONE_SHOT - STANDALONE)
+
+# Secrets the services read from the environment; compose must take them from its own
+# environment, with at most a default that says it is for development only.
+SECRET_ENV = {"STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRETS", "METERLINE_API_TOKENS", "POSTGRES_PASSWORD"}
+# Dev defaults that predate the "dev" marking; changing one would lock existing pgdata
+# volumes out (Postgres keeps the password it was initialised with). Marked by comment.
+UNMARKED_DEV_DEFAULTS = {"POSTGRES_PASSWORD": "meterline"}
+HEALTHCHECK_SCRIPT = "/usr/local/lib/meterline/healthcheck.py"
 
 
 def interpolate(value: str) -> str:
@@ -60,11 +84,16 @@ def depends_on(service: str) -> dict[str, str]:
     return {name: (spec or {}).get("condition", "service_started") for name, spec in deps.items()}
 
 
-def subcommands() -> set[str]:
-    parser = build_parser()
-    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
-    assert len(actions) == 1
-    return set(actions[0].choices)
+def wrapper_script(service: str) -> str | None:
+    """The script of an `sh -ec SCRIPT meterline` entrypoint that ends by exec-ing
+    `meterline "$@"` with the service's command (the Stripe key/emulator switch)."""
+    entrypoint = SERVICES[service].get("entrypoint")
+    if (isinstance(entrypoint, list) and len(entrypoint) == 4 and entrypoint[:2] == ["sh", "-ec"]
+            and entrypoint[3] == "meterline"):
+        script: str = entrypoint[2]
+        assert script.rstrip().endswith('exec meterline "$$@"'), f"{service}: wrapper must exec meterline"
+        return script
+    return None
 
 
 def meterline_argvs(service: str) -> list[list[str]]:
@@ -75,7 +104,7 @@ def meterline_argvs(service: str) -> list[list[str]]:
     if isinstance(command, str):
         command = shlex.split(command)
     assert command, f"{service}: no command (the image's default is --help)"
-    if entrypoint is None or entrypoint == ["meterline"]:
+    if entrypoint is None or entrypoint == ["meterline"] or wrapper_script(service):
         return [list(command)]
     assert entrypoint[0] in ("sh", "/bin/sh", "bash") and entrypoint[-1].startswith("-") \
         and "c" in entrypoint[-1], f"{service}: unexpected entrypoint {entrypoint}"
@@ -114,6 +143,8 @@ def load_as(service: str) -> Settings:
 
 def test_expected_services_exist() -> None:
     assert {"kafka", "postgres", "init", "processor", "relay", "load"} <= set(SERVICES)
+    assert set(SERVICE_PORTS) <= set(SERVICES)
+    assert set(PIPELINE) | STANDALONE == set(SERVICE_PORTS), "a service without a known port"
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))
@@ -144,11 +175,23 @@ def test_dependency_graph_has_no_cycle() -> None:
 
 def test_startup_order() -> None:
     assert depends_on("init") == {"kafka": "service_healthy", "postgres": "service_healthy"}
-    for service in ("processor", "relay", "load"):
-        assert depends_on(service)["init"] == "service_completed_successfully"
+    assert depends_on("load")["init"] == "service_completed_successfully"
     assert SERVICES["load"].get("profiles") == ["load"]
     for service in set(METERLINE_SERVICES) - {"load"}:
         assert "profiles" not in SERVICES[service]
+
+
+@pytest.mark.parametrize("service", PIPELINE)
+def test_pipeline_services_wait_for_init_and_healthy_servers(service: str) -> None:
+    deps = depends_on(service)
+    assert deps["init"] == "service_completed_successfully", service
+    assert deps["kafka"] == "service_healthy" and deps["postgres"] == "service_healthy", service
+
+
+def test_the_stripe_emulator_waits_for_nothing_and_the_stripe_services_wait_for_it() -> None:
+    assert depends_on("stripe-emulator") == {}
+    for service in ("stripe-sink", "reconcile"):
+        assert depends_on(service)["stripe-emulator"] == "service_healthy", service
 
 
 @pytest.mark.parametrize("service", sorted(INFRA))
@@ -185,22 +228,23 @@ def test_meterline_service_uses_the_deploy_image(service: str) -> None:
 
 @pytest.mark.parametrize("service", METERLINE_SERVICES)
 def test_meterline_service_runs_real_commands(service: str) -> None:
-    known = subcommands()
-    parser = build_parser()
     for argv in meterline_argvs(service):
-        assert argv and argv[0] in known, f"{service}: {argv} is not one of {sorted(known)}"
-        try:
-            parser.parse_args(argv)
-        except SystemExit as exc:  # argparse reports bad options by exiting
-            pytest.fail(f"{service}: `meterline {shlex.join(argv)}` does not parse ({exc})")
+        check_meterline_argv(service, argv)
 
 
 def test_the_service_commands() -> None:
     assert meterline_argvs("init") == [["migrate"], ["topics"]]
     assert meterline_argvs("processor") == [["processor"]]
     assert meterline_argvs("relay") == [["relay"]]
+    assert meterline_argvs("stripe-sink") == [["stripe-sink"]]
+    assert meterline_argvs("reconcile") == [["reconcile", "--every", "300"]]
+    assert meterline_argvs("webhook-bridge") == [["webhook-bridge"]]
+    assert meterline_argvs("ledger-consumer") == [["ledger-consumer"]]
+    assert meterline_argvs("api") == [["api"]]
     args = build_parser().parse_args(meterline_argvs("load")[0])
     assert (args.command, args.rate, args.duration) == ("load", 2000, 3600)
+    args = build_parser().parse_args(meterline_argvs("stripe-emulator")[0])
+    assert (args.host, args.port) == ("0.0.0.0", SERVICE_PORTS["stripe-emulator"][0])
 
 
 @pytest.mark.parametrize("service", METERLINE_SERVICES)
@@ -221,7 +265,8 @@ def test_meterline_service_environment(service: str) -> None:
 def test_mounted_config_exists_and_loads(service: str) -> None:
     path = mounted_config(service)
     assert path.is_file() and path.is_relative_to(ROOT / "deploy")
-    assert all(":ro" in v for v in SERVICES[service]["volumes"] if isinstance(v, str))
+    binds = [v for v in SERVICES[service]["volumes"] if isinstance(v, str) and v.startswith(".")]
+    assert all(v.endswith(":ro") for v in binds), f"{service}: repository files mounted writable"
     settings = load_as(service)
     env = env_of(service)
     assert settings.database_url == env["DATABASE_URL"]
@@ -236,16 +281,115 @@ def test_partitions_allow_scaling_the_processor() -> None:
     assert partitions >= 2  # the replicas hint in docker-compose.yml is 2
 
 
-@pytest.mark.parametrize(("service", "port_of"), [
-    ("processor", lambda s: s.processor.metrics_port),
-    ("relay", lambda s: s.relay.metrics_port),
-])
-def test_healthcheck_probes_the_services_metrics_port(service: str, port_of: Any) -> None:
-    port = str(port_of(load_as(service)))
-    spec = SERVICES[service]
-    assert spec["healthcheck"]["test"][-1] == port
-    assert "/usr/local/lib/meterline/healthcheck.py" in spec["healthcheck"]["test"]
-    assert port in [str(p) for p in spec.get("expose", [])]
+def exposed(service: str) -> list[int]:
+    return [int(str(p).split("/")[0]) for p in SERVICES[service].get("expose", [])]
+
+
+@pytest.mark.parametrize("service", sorted(SERVICE_PORTS))
+def test_healthcheck_probes_the_services_port(service: str) -> None:
+    port, path = SERVICE_PORTS[service]
+    test = SERVICES[service]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", HEALTHCHECK_SCRIPT], test
+    assert test[3:] == ([str(port)] if path == "/metrics" else [str(port), path]), test
+    assert exposed(service) == [port], f"{service} should expose exactly its port {port}"
+    assert SERVICES[service]["healthcheck"].get("retries", 0) >= 3
+
+
+@pytest.mark.parametrize("service", sorted(PORT_SETTING))
+def test_service_ports_are_the_configured_ones(service: str) -> None:
+    assert setting(load_as(service), PORT_SETTING[service]) == SERVICE_PORTS[service][0]
+
+
+def test_every_configured_port_is_a_service_port() -> None:
+    """A port added to the config (a new service's metrics_port) must be where compose
+    expects it: exposed by a service, health-checked and scraped."""
+    ports = configured_ports(load_as("processor"))
+    assert ports, "no *port settings found: the walk is broken"
+    served = {port for port, _ in SERVICE_PORTS.values()}
+    assert {name: p for name, p in ports.items() if p not in served} == {}
+
+
+def test_ports_are_unique() -> None:
+    listening = [port for port, _ in SERVICE_PORTS.values()]
+    assert len(listening) == len(set(listening))
+    published = [str(p).rsplit(":", 1)[0].rsplit(":", 1)[-1]
+                 for spec in SERVICES.values() for p in spec.get("ports", [])]
+    assert len(published) == len(set(published)), f"host port published twice: {sorted(published)}"
+
+
+def test_http_services_publish_on_loopback_only() -> None:
+    """The api and the bridge are guarded by dev-only credentials by default: never expose
+    them beyond the machine running compose."""
+    for service in ("api", "webhook-bridge"):
+        port = SERVICE_PORTS[service][0]
+        assert SERVICES[service]["ports"] == [f"127.0.0.1:{port}:{port}"], service
+
+
+# --- secrets ----------------------------------------------------------------------------
+
+
+def test_secrets_come_from_the_environment_with_marked_dev_defaults() -> None:
+    seen = set()
+    for service, spec in SERVICES.items():
+        for name, raw in (spec.get("environment") or {}).items():
+            if name not in SECRET_ENV:
+                continue
+            seen.add(name)
+            m = re.fullmatch(r"\$\{(\w+)(?::-(.*))?\}", str(raw))
+            assert m and m.group(1) == name, f"{service}.{name}: take it from ${{{name}:-...}}, got {raw!r}"
+            default = m.group(2) or ""
+            assert default in ("", UNMARKED_DEV_DEFAULTS.get(name)) or "dev" in default, \
+                f"{service}.{name}: default {default!r} not marked dev-only"
+    assert seen == SECRET_ENV, f"secrets not passed to any service: {sorted(SECRET_ENV - seen)}"
+    text = COMPOSE_FILE.read_text()
+    assert not re.search(r"\b(sk|rk)_live_\w", text), "a live Stripe key in docker-compose.yml"
+    assert "DEV ONLY" in text
+
+
+def test_services_get_only_the_secrets_they_use() -> None:
+    for service in METERLINE_SERVICES:
+        given = set(SERVICES[service].get("environment") or {}) & SECRET_ENV
+        assert given == SECRETS_USED.get(service, set()), service
+
+
+def _run_wrapper(service: str, tmp_path: Path, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """Run the service's entrypoint + command with `meterline` replaced by a recorder."""
+    fake = tmp_path / "meterline"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$OUT/argv"\nenv > "$OUT/env"\n')
+    fake.chmod(0o755)
+    # Compose turns `$$` into `$` before the shell sees the script.
+    entrypoint = [part.replace("$$", "$") for part in SERVICES[service]["entrypoint"]]
+    run_env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "OUT": str(tmp_path), **env}
+    subprocess.run([*entrypoint, *SERVICES[service]["command"]], env=run_env, check=True, timeout=10)
+    argv = (tmp_path / "argv").read_text().splitlines()
+    seen = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
+    return argv, seen
+
+
+@pytest.mark.parametrize("service", ["stripe-sink", "reconcile"])
+def test_without_a_stripe_key_the_stripe_services_use_the_emulator(service: str, tmp_path: Path) -> None:
+    assert wrapper_script(service)
+    argv, env = _run_wrapper(service, tmp_path, {"STRIPE_API_KEY": "", "STRIPE_API_KEY_FILE": ""})
+    assert argv == meterline_argvs(service)[0]
+    assert env["STRIPE_API_KEY"].startswith("sk_test_")  # the emulator accepts test keys
+    base = urlsplit(env["METERLINE_STRIPE__API_BASE"])
+    assert base.hostname == "stripe-emulator" and base.port == SERVICE_PORTS["stripe-emulator"][0]
+    emulator = build_parser().parse_args(meterline_argvs("stripe-emulator")[0])
+    assert emulator.host == "0.0.0.0" and emulator.port == base.port
+    # The config accepts the override (stripe.api_base).
+    with mock.patch.dict(os.environ, {**env_of(service), "METERLINE_STRIPE__API_BASE": base.geturl()},
+                         clear=True):
+        assert load_settings(mounted_config(service)).stripe.api_base == base.geturl()
+
+
+@pytest.mark.parametrize("service", ["stripe-sink", "reconcile"])
+def test_with_a_stripe_key_the_stripe_services_talk_to_stripe(service: str, tmp_path: Path) -> None:
+    argv, env = _run_wrapper(service, tmp_path, {"STRIPE_API_KEY": "rk_test_from_the_operator"})
+    assert argv == meterline_argvs(service)[0]
+    assert env["STRIPE_API_KEY"] == "rk_test_from_the_operator"
+    assert "METERLINE_STRIPE__API_BASE" not in env  # stripe.api_base unset: api.stripe.com
+    _, env = _run_wrapper(service, tmp_path, {"STRIPE_API_KEY_FILE": "/run/secrets/stripe"})
+    assert "METERLINE_STRIPE__API_BASE" not in env and "STRIPE_API_KEY" not in env
 
 
 # --- deploy/ ----------------------------------------------------------------------------
@@ -309,7 +453,7 @@ def test_healthcheck_script() -> None:
 
     class Metrics(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_response(200 if self.path in ("/metrics", "/readyz") else 404)
             self.end_headers()
             self.wfile.write(b"meterline_records_in_total 0\n")
 
@@ -322,6 +466,9 @@ def test_healthcheck_script() -> None:
     try:
         port = server.server_address[1]
         assert health.main(["healthcheck.py", str(port)]) == 0
+        assert health.main(["healthcheck.py", str(port), "/readyz"]) == 0  # the HTTP services
+        assert health.main(["healthcheck.py", str(port), "/nope"]) == 1
+        assert health.main(["healthcheck.py", str(port), "readyz"]) == 1  # not a path
         with mock.patch.dict(os.environ, {"METERLINE_HEALTH_PORT": str(port)}):
             assert health.main(["healthcheck.py"]) == 0
     finally:
@@ -333,10 +480,13 @@ def test_healthcheck_script() -> None:
 
 
 def test_compose_paths_are_posix_relative() -> None:
+    named = set(COMPOSE.get("volumes") or {})
     for service in METERLINE_SERVICES:
         for volume in SERVICES[service].get("volumes", []):
             source = volume.split(":")[0]
-            assert source.startswith("./") and not PurePosixPath(source).is_absolute()
+            if source in named:
+                continue
+            assert source.startswith("./") and not PurePosixPath(source).is_absolute(), volume
 
 
 def test_monitoring_mounts_the_shipped_prometheus_and_grafana_files() -> None:
@@ -352,3 +502,26 @@ def test_monitoring_mounts_the_shipped_prometheus_and_grafana_files() -> None:
     for source in (s for m in mounts.values() for s in m):
         assert (ROOT / source).is_dir(), source
     assert "processor" in SERVICES["prometheus"]["depends_on"]
+
+
+def _scrape_jobs() -> dict[str, dict[str, Any]]:
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    return {job["job_name"]: job for job in prometheus["scrape_configs"]}
+
+
+def test_every_pipeline_service_is_scraped_on_its_port_under_its_own_name() -> None:
+    jobs = _scrape_jobs()
+    for service in PIPELINE:
+        job = jobs.get(service)
+        assert job, f"prometheus.yml has no job {service!r}"
+        (sd,) = job["dns_sd_configs"]  # every replica, found by the service name
+        assert sd["names"] == [service] and int(sd["port"]) == SERVICE_PORTS[service][0], service
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_every_scraped_target_is_a_compose_service_exposing_that_port() -> None:
+    for name, job in _scrape_jobs().items():
+        for sd in job.get("dns_sd_configs", []):
+            for host in sd["names"]:
+                assert host in SERVICES, f"job {name} scrapes unknown service {host}"
+                assert int(sd["port"]) in exposed(host), f"job {name}: {host} does not expose {sd['port']}"

@@ -66,12 +66,15 @@ class Fleet(Services):
 
         The working directory matters: Faust writes `<app id>-data/` into it.
         """
+        return self.service(name, "processor", "--worker-id", name, *args)
+
+    def service(self, name: str, command: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start `meterline <command> <args>` as process `name` (its log is `<name>.log`)."""
         if name in self.procs:
-            raise RuntimeError(f"worker {name} is already running")
+            raise RuntimeError(f"{name} is already running")
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
-            [sys.executable, "-m", "meterline.cli", "-c", str(self.config), "processor",
-             "--worker-id", name, *args],
+            [sys.executable, "-m", "meterline.cli", "-c", str(self.config), command, *args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir,
             env=_child_env(),
         )

@@ -19,9 +19,17 @@ Emulated:
     events are dropped and recorded as error reports (``GET /_emulator/errors``).
   * ``GET /v1/billing/meters/{id}/event_summaries`` (``customer``, minute-aligned
     ``start_time``/``end_time``, optional ``value_grouping_window`` hour/day).
-  * Injection: token-bucket rate limit (429 ``rate_limit``), random 500 ``api_error``,
-    fixed latency, an injectable clock and a seedable RNG (IDs, failures).
+  * Injection: token-bucket rate limit (429 ``rate_limit``), random 429s and 500 ``api_error``,
+    fixed plus random latency, an injectable clock and a seedable RNG (IDs, failures).
+  * Stripe's one-concurrent-call rule: a v1 meter event call for a (customer, meter) that
+    already has one in flight gets 429.
   * ``GET /_emulator/events`` / ``/_emulator/errors``: non-Stripe inspection endpoints.
+  * Webhooks (test helpers, not Stripe API): ``POST /_emulator/webhook_endpoints`` (JSON
+    ``url``, ``secret``, ``enabled_events``) and ``POST /_emulator/trigger`` (JSON ``type``
+    plus the object's parameters, see ``_triggers.build_object``) build Stripe-shaped
+    events (``objects``) and POST them signed like Stripe, retrying non-2xx with backoff;
+    ``GET /_emulator/webhook_attempts`` lists attempts. In Python: ``add_webhook_endpoint``,
+    ``trigger``, ``send_event`` and ``await emulator.webhooks.drain()``.
 
 Not emulated: meter deactivate/reactivate/update, meter event adjustments (cancel), the v2
 ``meter_event`` (non-stream) endpoint, dimensions/``event_time_window``, pagination
@@ -45,7 +53,8 @@ from typing import Any
 
 from aiohttp import web
 
-from meterline.stripe import _routes
+from meterline.stripe import _routes, objects
+from meterline.stripe._triggers import WebhookEndpoint, WebhookSender, build_object
 from meterline.stripe._wire import StripeHTTPError
 from meterline.stripe.webhooks import sign_payload
 
@@ -115,12 +124,16 @@ class StripeEmulator:
         clock: Callable[[], float] = time.time,
         rate_limit_per_second: float | None = None,
         failure_rate: float = 0.0,
+        throttle_rate: float = 0.0,
         latency_seconds: float = 0.0,
         latency_jitter_seconds: float = 0.0,
         seed: int | None = None,
     ) -> None:
         self.clock = clock
         self.failure_rate = failure_rate
+        self.throttle_rate = throttle_rate
+        # injected failures so far, by HTTP status (tests check they really happened)
+        self.injected: dict[int, int] = {429: 0, 500: 0}
         self.latency_seconds = latency_seconds
         self.latency_jitter_seconds = latency_jitter_seconds
         self._in_flight: set[tuple[str, str]] = set()
@@ -131,6 +144,8 @@ class StripeEmulator:
         self.error_reports: list[dict[str, Any]] = []
         self.sessions: dict[str, dict[str, Any]] = {}
         self._by_identifier: dict[str, tuple[MeterEventRecord, int]] = {}
+        self.webhooks = WebhookSender(clock)
+        self.webhook_events: list[dict[str, Any]] = []
         self._bucket = (
             _TokenBucket(rate_limit_per_second, rate_limit_per_second, clock())
             if rate_limit_per_second else None
@@ -245,6 +260,29 @@ class StripeEmulator:
         jitter = self.random.uniform(0, self.latency_jitter_seconds) if self.latency_jitter_seconds else 0
         return self.latency_seconds + jitter
 
+    # -- webhooks (test helpers, see _triggers) ------------------------------------------------
+    def add_webhook_endpoint(self, url: str, secret: str | None = None,
+                             enabled_events: tuple[str, ...] = ("*",)) -> WebhookEndpoint:
+        """Register a URL to receive signed events (like a Dashboard webhook endpoint)."""
+        endpoint = WebhookEndpoint(self._id("we_", 24), url, secret or self._id("whsec_", 32),
+                                   enabled_events)
+        self.webhooks.endpoints.append(endpoint)
+        return endpoint
+
+    def trigger(self, event_type: str, params: dict[str, Any] | None = None, *,
+                event_id: str | None = None, created: int | None = None) -> dict[str, Any]:
+        """Build a Stripe-shaped `event_type` event from `params` and deliver it; return it."""
+        obj = build_object(self, event_type, dict(params or {}))
+        event = objects.event(event_type, obj, event_id=event_id or self._id("evt_", 24),
+                              created=self.now() if created is None else created)
+        self.send_event(event)
+        return event
+
+    def send_event(self, event: dict[str, Any]) -> int:
+        """Deliver an already-built event (e.g. to replay one, or reorder a lifecycle)."""
+        self.webhook_events.append(event)
+        return self.webhooks.send(event)
+
     def summarize(self, meter_id: str, customer: str, start: int, end: int) -> Decimal:
         formula = self.meters[meter_id]["default_aggregation"]["formula"]
         hits = [e for e in self.events
@@ -275,7 +313,12 @@ class StripeEmulator:
                 raise StripeHTTPError(
                     429, "Request rate limit exceeded. Please retry after a short delay.",
                     code="rate_limit")
+            if self.throttle_rate > 0 and self.random.random() < self.throttle_rate:
+                self.injected[429] += 1
+                raise StripeHTTPError(
+                    429, "Request rate limit exceeded (injected).", code="rate_limit")
             if self.failure_rate > 0 and self.random.random() < self.failure_rate:
+                self.injected[500] += 1
                 raise StripeHTTPError(500, "An unknown error occurred (injected).",
                                       type="api_error", headers={"Stripe-Should-Retry": "true"})
             self._authenticate(request)
