@@ -37,6 +37,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from meterline.config import Settings, load_settings
+from meterline.devstack import dev_stripe
 from meterline.devstack.embedded import EmbeddedKafka, EmbeddedPostgres, _free_port
 from meterline.devstack.load import LoadGenerator, customer_ids
 from meterline.devstack.topics import ensure_topics
@@ -227,7 +228,8 @@ async def _run(
     if not dsn:
         say("starting embedded PostgreSQL ...")
         dsn = stack.enter_context(EmbeddedPostgres(workdir / "postgres")).dsn
-    config = write_config(workdir, bootstrap, dsn, args.customers)
+    config = write_config(workdir, bootstrap, dsn, args.customers,
+                          {"stripe": dev_stripe.config_overrides()})
     settings: Settings = load_settings(config)
     await migrate(dsn)
     ensure_topics(settings)
@@ -235,7 +237,7 @@ async def _run(
     stack.callback(services.stop)
     services.start("processor")
     services.start("relay")
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
     try:
         deadline = time.monotonic() + 60
         while (await snapshot(pool, detail=False)).owners < settings.kafka.partitions:
@@ -243,6 +245,9 @@ async def _run(
             if time.monotonic() > deadline:
                 raise RuntimeError("processor did not claim its partitions within 60 s")
             await asyncio.sleep(0.5)
+        say("starting the Stripe " + ("emulator and the " if dev_stripe.emulated(settings) else "")
+            + "sink ...")
+        await dev_stripe.start(settings, services, pool, customer_ids(args.customers))
         say(f"processor ready; sending {args.rate:.0f} events/s to {len(customer_ids(args.customers))} customers")
         return await _drive(args, settings, services, pool, bootstrap)
     finally:
@@ -271,6 +276,7 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
                 rate = (n_new - n_old) / max(t_new - t_old, 1e-9)
                 m = scrape(settings.processor.metrics_port)
                 print(render(now - started, gen, snap, rate, m), flush=True)
+                print(dev_stripe.live_line(scrape(settings.stripe.metrics_port)), flush=True)
     except (KeyboardInterrupt, asyncio.CancelledError):
         interrupted = True
     stop.set()
@@ -310,6 +316,7 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
     }
     if mismatches:
         summary["mismatches"] = mismatches[:10]
+    summary |= await dev_stripe.finish(settings, pool, services)
     services.stop()
     return summary
 

@@ -204,6 +204,41 @@ def register(app: web.Application, emu: StripeEmulator) -> None:  # noqa: C901 -
     async def inspect_errors(request: web.Request) -> web.Response:
         return json_response({"data": emu.error_reports})
 
+    async def _json_body(request: web.Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except ValueError:
+            raise StripeHTTPError(400, "Request body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise StripeHTTPError(400, "Request body must be a JSON object.")
+        return body
+
+    # /_emulator routes bypass the middleware, so they render their own errors.
+    async def create_webhook_endpoint(request: web.Request) -> web.Response:
+        try:
+            body = await _json_body(request)
+            if not isinstance(body.get("url"), str) or not body["url"]:
+                raise _missing("url")
+            endpoint = emu.add_webhook_endpoint(body["url"], body.get("secret"),
+                                                tuple(body.get("enabled_events") or ("*",)))
+        except StripeHTTPError as exc:
+            return exc.response("")
+        return json_response(endpoint.to_stripe())
+
+    async def trigger_event(request: web.Request) -> web.Response:
+        try:
+            body = await _json_body(request)
+            event_type = body.pop("type", None)
+            if not isinstance(event_type, str) or not event_type:
+                raise _missing("type")
+            event = emu.trigger(event_type, body)
+        except StripeHTTPError as exc:
+            return exc.response("")
+        return json_response(event)
+
+    async def inspect_webhook_attempts(request: web.Request) -> web.Response:
+        return json_response({"data": emu.webhooks.attempts})
+
     async def drop_event(request: web.Request) -> web.Response:
         dropped = emu.drop_event(request.match_info["identifier"])
         return json_response({"deleted": dropped}, 200 if dropped else 404)
@@ -219,4 +254,7 @@ def register(app: web.Application, emu: StripeEmulator) -> None:  # noqa: C901 -
     app.router.add_post("/v2/billing/meter_event_stream", meter_event_stream)
     app.router.add_get("/_emulator/events", inspect_events)
     app.router.add_get("/_emulator/errors", inspect_errors)
+    app.router.add_post("/_emulator/webhook_endpoints", create_webhook_endpoint)
+    app.router.add_post("/_emulator/trigger", trigger_event)
+    app.router.add_get("/_emulator/webhook_attempts", inspect_webhook_attempts)
     app.router.add_delete("/_emulator/events/{identifier}", drop_event)

@@ -192,9 +192,12 @@ class Reconciler:
         return sum((Decimal(str(s["aggregated_value"])) for s in data), ZERO)
 
     async def run_once(self, *, resubmit: bool, retry_rejected: bool = False,
-                       period: str | None = None, now: datetime | None = None) -> Report:
+                       period: str | None = None, now: datetime | None = None,
+                       cutoff: datetime | None = None) -> Report:
+        """Reconcile the lookback periods up to `cutoff` (default: what should have settled
+        by `now`); a given cutoff must be minute-aligned and end a coalescing bucket."""
         now = now or datetime.now(UTC)
-        cutoff = cutoff_for(now, self.settings, self.cfg.settle_seconds)
+        cutoff = cutoff or cutoff_for(now, self.settings, self.cfg.settle_seconds)
         report = Report(now, cutoff, self.cfg.threshold_percent)
         for start, end in periods(now, period or self.cfg.period, self.cfg.lookback_periods):
             stop = min(end, cutoff)

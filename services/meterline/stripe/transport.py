@@ -18,6 +18,7 @@ in Postgres with backoff, so a restart never forgets one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from typing import Any, Literal, Protocol
 import stripe
 
 from meterline.core.credits import decimal_text
+
+# The SDK logs every request at INFO; a sink makes hundreds a second.
+logging.getLogger("stripe").setLevel(logging.WARNING)
 
 DUPLICATE_MESSAGE = "An event already exists with identifier"
 MAX_STREAM_EVENTS = 100
