@@ -92,6 +92,13 @@ def _webhook_bridge(args: argparse.Namespace) -> int:
 
 
 # ledger consumer handler
+def _ledger_consumer(args: argparse.Namespace) -> int:
+    from meterline.billing.consumer import run
+
+    run(_settings(args))
+    return 0
+
+
 # api handler
 def _api(args: argparse.Namespace) -> int:
     from meterline.api import run
@@ -157,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="webhook bridge requests/s and latency with signature verification")
     which.add_argument("--api", action="store_true",
                        help="balance and entitlement API latency under load")
-    # bench: stripe options
+    p.add_argument("--stripe-rate", type=float, default=200,
+                   help="--stripe: the sink's configured v1 rate limit, requests/s")
+    p.add_argument("--stripe-v2-rate", type=float, default=20,
+                   help="--stripe: the configured v2 rate limit, stream requests/s (100 events each)")
+    p.add_argument("--stripe-seconds", type=float, default=15, help="--stripe: length of each phase")
+    p.add_argument("--stripe-transport", choices=["v1", "v2", "both"], default="both")
     # bench: bridge options
     p.add_argument("--bridge-requests", type=int, default=20_000, help="--bridge: webhooks sent")
     p.add_argument("--bridge-concurrency", type=int, default=64,
@@ -193,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         "webhook-bridge", help="Stripe webhooks -> verified events on stripe.events (HTTP)"
     ).set_defaults(func=_webhook_bridge)
     # ledger consumer subcommand
+    sub.add_parser(
+        "ledger-consumer", help="apply Stripe events (stripe.events) to the credits ledger"
+    ).set_defaults(func=_ledger_consumer)
     # api subcommand
     p = sub.add_parser("api", help="HTTP API: balance, entitlements, usage, ledger, export, grants")
     p.add_argument("--host", help="listen address (default: api.host)")

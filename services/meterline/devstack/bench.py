@@ -43,8 +43,8 @@ from meterline.storage.db import migrate, with_database
 LATENCY = "meterline_event_to_debit_latency_seconds"
 
 
-def histogram_buckets(port: int) -> dict[float, float]:
-    """Cumulative bucket counts of the latency histogram, by upper bound."""
+def histogram_buckets(port: int, name: str = LATENCY) -> dict[float, float]:
+    """Cumulative bucket counts of histogram `name` (summed over labels), by upper bound."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -53,10 +53,11 @@ def histogram_buckets(port: int) -> dict[float, float]:
         text = r.read().decode()
     out: dict[float, float] = {}
     for fam in text_string_to_metric_families(text):
-        if fam.name == LATENCY:
+        if fam.name == name:
             for s in fam.samples:
-                if s.name == LATENCY + "_bucket":
-                    out[float(s.labels["le"])] = s.value
+                if s.name == name + "_bucket":
+                    le = float(s.labels["le"])
+                    out[le] = out.get(le, 0.0) + s.value
     return out
 
 
