@@ -43,7 +43,10 @@ def test_identifier_dedupe_expires_after_24_hours() -> None:
     payload = {"stripe_customer_id": "cus_1", "value": "3"}
 
     first = emu.ingest("api", payload, "id-1", None, "v1")
-    assert emu.ingest("api", payload, "id-1", None, "v1") is first
+    with pytest.raises(StripeHTTPError) as err:  # v1: refused, as Stripe refuses it
+        emu.ingest("api", payload, "id-1", None, "v1")
+    assert err.value.status == 400 and "already exists" in str(err.value)
+    assert emu.ingest("api", payload, "id-1", None, "v2") is first  # v2: dropped silently
     now[0] += 86_400
     emu.ingest("api", payload, "id-1", None, "v1")
 
