@@ -77,6 +77,12 @@ def _stripe_sink(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stripe_provision(args: argparse.Namespace) -> int:
+    from meterline.stripe.provision import run
+
+    return run(_settings(args))
+
+
 def _reconcile(args: argparse.Namespace) -> int:
     from meterline.stripe.reconcile import run
 
@@ -172,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stripe-transport", choices=["v1", "v2", "both"], default="both")
     # bench: bridge options
     p.add_argument("--bridge-requests", type=int, default=20_000, help="--bridge: webhooks sent")
-    p.add_argument("--bridge-concurrency", type=int, default=64,
+    p.add_argument("--bridge-concurrency", type=int, default=32,
                    help="--bridge: requests in flight at once")
     p.add_argument("--bridge-in-process", action="store_true",
                    help="--bridge: run the bridge in the bench's process, not a subprocess")
@@ -188,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("stripe-sink", help="report usage.aggregates to Stripe meter events").set_defaults(
         func=_stripe_sink)
+
+    sub.add_parser(
+        "stripe-provision",
+        help="create missing Stripe meters and customers (use a test-mode key or the emulator)",
+    ).set_defaults(func=_stripe_provision)
 
     p = sub.add_parser("reconcile", help="ledger vs sink reports vs Stripe meter event summaries")
     p.add_argument("--every", type=float, default=None,

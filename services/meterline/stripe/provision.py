@@ -7,12 +7,14 @@ Stripe test mode (it only creates what is missing: meters found by event_name ar
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import asyncpg
 import stripe
 
 from meterline.config import Settings
+from meterline.storage.db import create_pool
 
 
 async def ensure_meters(client: stripe.StripeClient, settings: Settings) -> dict[str, str]:
@@ -56,3 +58,25 @@ async def ensure_customers(client: stripe.StripeClient, pool: asyncpg.Pool,
                 cid, cus.id)
             mapping[cid] = cus.id
     return mapping
+
+
+def run(settings: Settings) -> int:
+    """`meterline stripe-provision`: meters for billed meters, customers for configured ones."""
+    from meterline.stripe.sink import stripe_api_key
+    from meterline.stripe.transport import Stripe
+
+    async def main() -> int:
+        api = Stripe(stripe_api_key(settings), settings.stripe.api_base,
+                     settings.stripe.request_timeout_seconds)
+        pool = await create_pool(settings.database_url)
+        try:
+            meters = await ensure_meters(api.client, settings)
+            customers = await ensure_customers(api.client, pool, [c.id for c in settings.customers])
+        finally:
+            await pool.close()
+            await api.close()
+        print(f"Stripe meters: {meters}")
+        print(f"{len(customers)} customers mapped to Stripe customers")
+        return 0
+
+    return asyncio.run(main())
