@@ -7,14 +7,24 @@ back message by message (never trusting high watermarks, which Tansu undercounts
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from confluent_kafka import Message
 from prometheus_client import REGISTRY
 
@@ -77,11 +87,10 @@ def stripe_event(n: int, *, customer: str | None = "cus_42", event_type: str = "
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes,
-               header: str | None = None, secret: str = OLD) -> tuple[int, str]:
-    """POST like Stripe: signed now, over exactly these bytes (unless `header` is given)."""
+               secret: str = OLD) -> tuple[int, str]:
+    """POST like Stripe: signed now, over exactly these bytes."""
     headers = {"Content-Type": "application/json; charset=utf-8",
-               "Stripe-Signature": header if header is not None
-               else sign_payload(body, secret, int(time.time()))}
+               "Stripe-Signature": sign_payload(body, secret, int(time.time()))}
     async with session.post(url, data=body, headers=headers) as resp:
         return resp.status, (await resp.json())["outcome"]
 
@@ -91,7 +100,7 @@ async def messages(settings: Settings, quiet_seconds: float = 1.0) -> list[Messa
                                    settings.kafka.stripe_events_topic, quiet_seconds)
 
 
-def header_map(message: Message) -> dict[str, bytes | None]:
+def header_map(message: Message) -> dict[str, Any]:
     return dict(message.headers() or [])
 
 
@@ -126,8 +135,13 @@ async def test_accepted_events_land_with_customer_key_raw_body_and_headers(
     customer = build_event("customer.updated", {"object": "customer", "id": "cus_7"},
                            event_id="evt_bridge_2", created=int(time.time()))
     no_customer = stripe_event(3, customer=None, event_type="product.created")
-    versioned = invoice.replace(b'"evt_bridge_1"', b'"evt_bridge_4"').replace(
-        b'"api_version":null', b'"api_version":"2025-01-27.acacia"')
+    # Stripe pretty-prints; the message must be these very bytes, not a re-serialisation
+    versioned = json.dumps({
+        "id": "evt_bridge_4", "object": "event", "api_version": "2025-01-27.acacia",
+        "type": "customer.subscription.updated",
+        "data": {"object": {"object": "subscription", "customer": "cus_42",
+                            "description": "Zoë's plan \u00e9"}},
+    }, indent=2, ensure_ascii=False).encode()
 
     statuses = [await post(session, running_bridge.webhook_url, body)
                 for body in (invoice, customer, no_customer, versioned)]
@@ -163,38 +177,49 @@ async def test_replayed_event_id_is_accepted_again_and_published_again(
 
 # --- rejected requests --------------------------------------------------------------------
 
-NOW = int(time.time())
 BODY = stripe_event(0, prefix="evt_rejected_")
-REJECTIONS: dict[str, tuple[bytes, str | None, int, Outcome]] = {
-    "wrong_secret": (BODY, sign_payload(BODY, "whsec_attacker", NOW), 400, Outcome.BAD_SIGNATURE),
-    "tampered_body": (BODY.replace(b"1000", b"9999"), sign_payload(BODY, OLD, NOW), 400,
-                      Outcome.BAD_SIGNATURE),
-    "expired": (BODY, sign_payload(BODY, OLD, NOW - 3600), 400, Outcome.EXPIRED),
-    "future_timestamp": (BODY, sign_payload(BODY, OLD, NOW + 3600), 400,
+NOT_JSON = b"<xml/>"
+NO_TYPE = b'{"id":"evt_rejected_x"}'
+# body, header signed at `now` (None = no header), status, outcome
+REJECTIONS: dict[str, tuple[bytes, Callable[[int], str | None], int, Outcome]] = {
+    "wrong_secret": (BODY, lambda now: sign_payload(BODY, "whsec_attacker", now), 400,
+                     Outcome.BAD_SIGNATURE),
+    "tampered_body": (BODY.replace(b"1000", b"9999"), lambda now: sign_payload(BODY, OLD, now),
+                      400, Outcome.BAD_SIGNATURE),
+    "expired": (BODY, lambda now: sign_payload(BODY, OLD, now - 3600), 400, Outcome.EXPIRED),
+    "future_timestamp": (BODY, lambda now: sign_payload(BODY, OLD, now + 3600), 400,
                          Outcome.FUTURE_TIMESTAMP),
-    "missing_signature": (BODY, None, 400, Outcome.MISSING_SIGNATURE),
-    "malformed_signature": (BODY, "v1=deadbeef", 400, Outcome.MALFORMED_SIGNATURE),
-    "malformed_body": (b"<xml/>", sign_payload(b"<xml/>", OLD, NOW), 400, Outcome.MALFORMED_BODY),
-    "malformed_body_no_type": (b'{"id":"evt_rejected_x"}',
-                               sign_payload(b'{"id":"evt_rejected_x"}', OLD, NOW), 400,
+    "missing_signature": (BODY, lambda now: None, 400, Outcome.MISSING_SIGNATURE),
+    "malformed_signature": (BODY, lambda now: "v1=deadbeef", 400, Outcome.MALFORMED_SIGNATURE),
+    "malformed_body": (NOT_JSON, lambda now: sign_payload(NOT_JSON, OLD, now), 400,
+                       Outcome.MALFORMED_BODY),
+    "malformed_body_no_type": (NO_TYPE, lambda now: sign_payload(NO_TYPE, OLD, now), 400,
                                Outcome.MALFORMED_BODY),
-    "too_large": (b"{" + b" " * MAX_BODY + b"}", None, 413, Outcome.TOO_LARGE),
+    "too_large": (b"{" + b" " * MAX_BODY + b"}", lambda now: sign_payload(BODY, OLD, now), 413,
+                  Outcome.TOO_LARGE),
 }
 
 
-@pytest.mark.parametrize(("body", "header", "status", "outcome"), REJECTIONS.values(),
+async def post_raw(session: aiohttp.ClientSession, url: str, body: bytes,
+                   make_header: Callable[[int], str | None]) -> tuple[int, str]:
+    header = make_header(int(time.time()))
+    headers = {"Stripe-Signature": header} if header is not None else {}
+    async with session.post(url, data=body, headers=headers) as resp:
+        return resp.status, (await resp.json())["outcome"]
+
+
+@pytest.mark.parametrize(("body", "make_header", "status", "outcome"), REJECTIONS.values(),
                          ids=REJECTIONS)
 async def test_rejected_request_answers_its_status_and_counts_its_reason(
     bridge: tuple[RunningBridge, aiohttp.ClientSession],
-    body: bytes, header: str | None, status: int, outcome: Outcome,
+    body: bytes, make_header: Callable[[int], str | None], status: int, outcome: Outcome,
 ) -> None:
     running_bridge, session = bridge
     before = count(outcome)
-    headers = {"Stripe-Signature": header} if header is not None else {}
 
-    async with session.post(running_bridge.webhook_url, data=body, headers=headers) as resp:
-        assert resp.status == status
-        assert (await resp.json())["outcome"] == outcome.value
+    answer = await post_raw(session, running_bridge.webhook_url, body, make_header)
+
+    assert answer == (status, outcome.value)
     assert count(outcome) == before + 1
 
 
@@ -202,12 +227,11 @@ async def test_rejected_requests_publish_nothing(
     bridge: tuple[RunningBridge, aiohttp.ClientSession],
 ) -> None:
     running_bridge, session = bridge
-    for body, header, _status, _outcome in REJECTIONS.values():
-        headers = {"Stripe-Signature": header} if header is not None else {}
-        async with session.post(running_bridge.webhook_url, data=body, headers=headers) as resp:
-            assert resp.status >= 400
+    answers = [await post_raw(session, running_bridge.webhook_url, body, make_header)
+               for body, make_header, _status, _outcome in REJECTIONS.values()]
     accepted = await post(session, running_bridge.webhook_url, stripe_event(1))
 
+    assert all(status >= 400 for status, _ in answers)
     assert accepted == (200, "accepted")
     assert event_ids(await messages(running_bridge.settings)) == {"evt_bridge_1": 1}
 
@@ -312,3 +336,58 @@ async def test_frozen_broker_answers_503_in_bounded_time_and_retries_land_after_
     # At least once: every event is there; the ones we gave up on may be there twice.
     ids = event_ids(await messages(settings, quiet_seconds=2.0))
     assert set(ids) == {f"evt_bridge_{n}" for n in range(8)}
+
+
+# --- the service as deployed -------------------------------------------------------------
+
+
+def http(method: str, url: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0  # not listening yet
+
+
+def test_cli_serves_until_sigterm_then_exits_cleanly_without_logging_secrets(
+    bridge_settings: Callable[..., Settings], tmp_path: Path,
+) -> None:
+    settings = bridge_settings()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "bridge.yaml"
+    config.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": settings.kafka.bootstrap_servers,
+                  "stripe_events_topic": settings.kafka.stripe_events_topic},
+        "webhook_bridge": {"host": "127.0.0.1", "port": port}}))
+    log = tmp_path / "bridge.log"
+    base = f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meterline.cli", "-v", "-c", str(config), "webhook-bridge"],
+            env={**os.environ, "STRIPE_WEBHOOK_SECRETS": f"whsec_cli_new,{OLD}"},
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while http("GET", base + "/readyz") != 200:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        body = stripe_event(1)
+        status = http("POST", base + "/webhooks/stripe", body,
+                      {"Stripe-Signature": sign_payload(body, OLD, int(time.time()))})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        exit_code = proc.wait(15)
+
+    assert status == 200
+    assert exit_code == 0
+    assert "whsec_" not in log.read_text()
+    ids = event_ids(read_topic(settings.kafka.bootstrap_servers,
+                               settings.kafka.stripe_events_topic, 1.0))
+    assert ids == {"evt_bridge_1": 1}

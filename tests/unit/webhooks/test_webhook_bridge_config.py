@@ -108,3 +108,15 @@ def test_a_failure_outweighs_earlier_successes_until_the_next_one() -> None:
     assert not health.ready(101)
     health.succeeded(102)
     assert health.ready(102)
+
+
+def test_cli_refuses_to_start_without_a_secret(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from meterline.cli import main
+
+    for name in ("STRIPE_WEBHOOK_SECRETS", "STRIPE_WEBHOOK_SECRETS_FILE", "METERLINE_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+
+    assert main(["webhook-bridge"]) == 2
+    assert "STRIPE_WEBHOOK_SECRETS" in capsys.readouterr().err

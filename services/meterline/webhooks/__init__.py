@@ -1,0 +1,1 @@
+"""Stripe webhooks: the bridge that verifies them and stores them in Kafka, and their handlers."""
