@@ -1,12 +1,15 @@
 """Container healthcheck for meterline services (stdlib only; used by deploy/Dockerfile).
 
-    python /usr/local/lib/meterline/healthcheck.py [PORT]
+    python /usr/local/lib/meterline/healthcheck.py [PORT [PATH]]
 
-Healthy when the service's Prometheus endpoint (http://127.0.0.1:PORT/metrics) answers
-200. PORT is the argument, else $METERLINE_HEALTH_PORT; with neither (one-shot commands
-such as `migrate`, `topics`, `load`) the check passes. Services serve /metrics from the
-moment they start (processor.metrics_port 9464, relay.metrics_port 9465), so this
-says "the process is up and serving", not "it is keeping up": alert on
+Healthy when http://127.0.0.1:PORT/PATH answers 200; PATH defaults to /metrics (the
+Prometheus endpoint every worker serves from the moment it starts: processor 9464,
+relay 9465, stripe-sink 9466, reconcile 9467, ledger-consumer 9468). The HTTP services
+pass their readiness path instead (`8080 /readyz` for the api, `8081 /readyz` for the
+webhook bridge). PORT is the argument, else $METERLINE_HEALTH_PORT; with neither (one-shot
+commands such as `migrate`, `topics`, `load`) the check passes.
+
+For a worker, this says "the process is up and serving", not "it is keeping up": alert on
 meterline_consumer_lag_messages and meterline_outbox_oldest_age_seconds for that.
 """
 
@@ -18,9 +21,9 @@ import urllib.error
 import urllib.request
 
 
-def check(port: int, timeout: float = 3.0) -> bool:
+def check(port: int, path: str = "/metrics", timeout: float = 3.0) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
             return bool(resp.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -28,6 +31,7 @@ def check(port: int, timeout: float = 3.0) -> bool:
 
 def main(argv: list[str]) -> int:
     raw = argv[1] if len(argv) > 1 else os.environ.get("METERLINE_HEALTH_PORT", "")
+    path = argv[2] if len(argv) > 2 else "/metrics"
     if not raw or raw == "0":
         return 0
     try:
@@ -35,9 +39,12 @@ def main(argv: list[str]) -> int:
     except ValueError:
         print(f"healthcheck: bad port {raw!r}", file=sys.stderr)
         return 1
-    if check(port):
+    if not path.startswith("/"):
+        print(f"healthcheck: path must start with '/': {path!r}", file=sys.stderr)
+        return 1
+    if check(port, path):
         return 0
-    print(f"healthcheck: nothing healthy on http://127.0.0.1:{port}/metrics", file=sys.stderr)
+    print(f"healthcheck: nothing healthy on http://127.0.0.1:{port}{path}", file=sys.stderr)
     return 1
 
 

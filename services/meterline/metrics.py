@@ -175,12 +175,14 @@ WEBHOOK_PRODUCER_RESETS = Counter(
 # --- ledger consumer (Stripe events) ---------------------------------------------------------------
 # (metrics for ledger consumer (Stripe events) go here)
 STRIPE_EVENTS = Counter(
-    "meterline_stripe_events_total",
-    "Stripe events consumed, by type (known types, else 'other') and outcome",
-    ["type", "outcome"],  # outcome: applied | duplicate | ignored | dlq
+    "meterline_ledger_consumer_events_total",
+    "Stripe webhook events consumed from stripe.events, by type (known types, else 'other') "
+    "and outcome",
+    ["type", "outcome"],  # outcome: applied | noop | duplicate | ignored | dlq
 )
 STRIPE_EVENTS_REJECTED = Counter(
-    "meterline_stripe_events_rejected_total", "Stripe events dead-lettered, by reason", ["reason"]
+    "meterline_ledger_consumer_rejected_total", "Stripe events dead-lettered, by reason",
+    ["reason"],
 )
 STRIPE_GRANTS = Counter(
     "meterline_grants_from_stripe_total", "Grants made from Stripe events, by grant source",

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from meterline.billing.stripe_events import (
+from meterline.billing.ledger_actions import (
     Apply,
     Catalog,
     ChargeRefund,
@@ -25,9 +25,8 @@ from meterline.billing.stripe_events import (
     Reason,
     Reject,
     SubscriptionSnapshot,
-    decide,
-    type_label,
 )
+from meterline.billing.stripe_events import decide, type_label
 from meterline.stripe import objects
 
 T0 = 1_790_000_000
