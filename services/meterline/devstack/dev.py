@@ -37,7 +37,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from meterline.config import Settings, load_settings
-from meterline.devstack import dev_stripe
+from meterline.devstack import dev_stripe, dev_webhooks
 from meterline.devstack.embedded import EmbeddedKafka, EmbeddedPostgres, _free_port
 from meterline.devstack.load import LoadGenerator, customer_ids
 from meterline.devstack.topics import ensure_topics
@@ -179,6 +179,9 @@ def scrape(port: int) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             out[sample.name] = out.get(sample.name, 0.0) + sample.value
+            for k, v in sample.labels.items():  # also per label value: "name:label=value"
+                key = f"{sample.name}:{k}={v}"
+                out[key] = out.get(key, 0.0) + sample.value
     return out
 
 
@@ -229,7 +232,8 @@ async def _run(
         say("starting embedded PostgreSQL ...")
         dsn = stack.enter_context(EmbeddedPostgres(workdir / "postgres")).dsn
     config = write_config(workdir, bootstrap, dsn, args.customers,
-                          {"stripe": dev_stripe.config_overrides()})
+                          {"stripe": dev_stripe.config_overrides(),
+                           **dev_webhooks.config_overrides()})
     settings: Settings = load_settings(config)
     await migrate(dsn)
     ensure_topics(settings)
@@ -248,6 +252,8 @@ async def _run(
         say("starting the Stripe " + ("emulator and the " if dev_stripe.emulated(settings) else "")
             + "sink ...")
         await dev_stripe.start(settings, services, pool, customer_ids(args.customers))
+        say("starting the webhook bridge and the ledger consumer ...")
+        await dev_webhooks.start(settings, services, dev_stripe.emulated(settings))
         say(f"processor ready; sending {args.rate:.0f} events/s to {len(customer_ids(args.customers))} customers")
         return await _drive(args, settings, services, pool, bootstrap)
     finally:
@@ -261,6 +267,8 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
     stop = threading.Event()
     started = time.monotonic()
     sender = asyncio.create_task(asyncio.to_thread(gen.run, args.rate, args.duration, stop))
+    top_ups = dev_webhooks.TopUps(settings, pool)
+    bridge_port, ledger_port = settings.webhook_bridge.port, settings.ledger_consumer.metrics_port
     interrupted = False
     # debits land per window, so the rate is taken over a sliding 10 s
     history: deque[tuple[float, int]] = deque(maxlen=11)
@@ -268,6 +276,8 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
         while not sender.done():
             await asyncio.sleep(1)
             services.check_alive()
+            if dev_stripe.emulated(settings):
+                await top_ups.tick()
             if not args.headless:
                 snap = await snapshot(pool)
                 now = time.monotonic()
@@ -277,6 +287,7 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
                 m = scrape(settings.processor.metrics_port)
                 print(render(now - started, gen, snap, rate, m), flush=True)
                 print(dev_stripe.live_line(scrape(settings.stripe.metrics_port)), flush=True)
+                print(top_ups.live_line(scrape(bridge_port), scrape(ledger_port)), flush=True)
     except (KeyboardInterrupt, asyncio.CancelledError):
         interrupted = True
     stop.set()
@@ -317,6 +328,11 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
     if mismatches:
         summary["mismatches"] = mismatches[:10]
     summary |= await dev_stripe.finish(settings, pool, services)
+    summary |= await top_ups.finish(scrape(bridge_port))
+    # "exact" includes the Stripe-bought credits: one grant per top-up, balances = ledger sums
+    summary["ledger_matches_expected"] = (summary["ledger_matches_expected"]
+                                          and summary["stripe_grants_exact"]
+                                          and summary["balances_equal_ledger"])
     services.stop()
     return summary
 
