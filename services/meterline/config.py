@@ -278,6 +278,9 @@ class ApiConfig(_Frozen):
     usage_max_days: int = Field(default=400, ge=1)
     # Rows the CSV export fetches per round trip from its server-side cursor.
     export_fetch_rows: int = Field(default=1000, ge=10)
+    # An export holds a pooled connection while its client reads; more at once answer 429,
+    # so slow downloads can never take the connections the balance and entitlement checks need.
+    max_concurrent_exports: int = Field(default=2, ge=1)
     max_body_bytes: int = Field(default=65_536, ge=1024)
 
 

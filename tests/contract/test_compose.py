@@ -352,6 +352,17 @@ def test_services_get_only_the_secrets_they_use() -> None:
         assert given == SECRETS_USED.get(service, set()), service
 
 
+def test_dev_default_secrets_pass_the_services_own_checks() -> None:
+    """`docker compose up` with nothing set starts the api and the bridge: their dev-only
+    defaults satisfy the same checks the services run at start-up."""
+    from meterline.api.auth import load_tokens
+    from meterline.webhooks.signing_secrets import resolve_signing_secrets
+
+    with mock.patch.dict(os.environ, {}, clear=True):
+        assert load_tokens(env_of("api"))
+        assert resolve_signing_secrets(env_of("webhook-bridge"))
+
+
 def _run_wrapper(service: str, tmp_path: Path, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """Run the service's entrypoint + command with `meterline` replaced by a recorder."""
     fake = tmp_path / "meterline"

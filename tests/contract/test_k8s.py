@@ -55,7 +55,7 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 # Kafka workers that keep partition or schedule state: never scaled on CPU.
 NO_CPU_AUTOSCALING = {"processor", "stripe-sink", "relay", "reconcile", "ledger-consumer"}
 # Exactly one at a time, also during a rollout.
-SINGLETONS = {"reconcile": "two reconcilers would resubmit the same gaps",
+SINGLETONS = {"reconcile": "two reconcilers would race to repair the same gaps",
               "relay": "one relay keeps each customer's balance changes in order"}
 # The bridge only talks to Kafka; everything else reads or writes Postgres.
 NO_DATABASE = {"webhook-bridge"}

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from meterline.api.auth import load_tokens
+
 from .api_support import (
     NOW,
     SECOND_TOKEN,
@@ -64,15 +65,14 @@ async def test_tokens_from_the_file_work_and_are_never_echoed(
     tokens = load_tokens({"METERLINE_API_TOKENS_FILE": str(file), "METERLINE_API_TOKENS": TOKEN})
     assert tokens == (TOKEN.encode(), SECOND_TOKEN.encode())
     settings = api_settings(migrated_database)
-    async with running_api(settings, tokens=[SECOND_TOKEN]) as api:
-        async with aiohttp.ClientSession() as anon:
-            async with anon.get(api.url + "/v1/customers/x/balance",
-                                headers={"Authorization": f"Bearer {TOKEN}"}) as r:
-                assert r.status == 401
-                assert TOKEN not in await r.text()
-            async with anon.get(api.url + "/v1/customers/x/balance",
-                                headers={"Authorization": f"Bearer {SECOND_TOKEN}"}) as r:
-                assert r.status == 404  # authorised; no such customer
+    async with running_api(settings, tokens=[SECOND_TOKEN]) as api, aiohttp.ClientSession() as anon:
+        async with anon.get(api.url + "/v1/customers/x/balance",
+                            headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 401
+            assert TOKEN not in await r.text()
+        async with anon.get(api.url + "/v1/customers/x/balance",
+                            headers={"Authorization": f"Bearer {SECOND_TOKEN}"}) as r:
+            assert r.status == 404  # authorised; no such customer
 
 
 # --- balance ------------------------------------------------------------------------------
@@ -112,6 +112,23 @@ async def test_balance_shows_grants_period_usage_burn_rate_and_projected_depleti
         assert body["projected_depletion"] == {"status": "projected",
                                                "at": "2026-11-25T01:37:30Z"}
         assert body["as_of"] == "2026-11-21T12:30:00Z"
+
+
+@pytest.mark.parametrize(("period", "start", "end"), [
+    ("hour", "2026-11-21T12:00:00Z", "2026-11-21T13:00:00Z"),
+    ("day", "2026-11-21T00:00:00Z", "2026-11-22T00:00:00Z"),
+    ("month", "2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z"),
+])
+async def test_balance_period_is_the_plans_utc_calendar_period(
+        migrated_database: str, period: str, start: str, end: str) -> None:
+    plans = [{"key": "p", "included_credits": "1", "period": period, "overage": "block"}]
+    async with running_api(api_settings(migrated_database, plans=plans), clock=lambda: NOW) as api:
+        await add_customer(api.db, "c1", plan="p")
+        await flush_usage(api, [("c1", "api_calls", NOW - timedelta(minutes=40), 1)])  # 11:50
+        body = await api.get_json("/v1/customers/c1/balance")
+        assert (body["period"]["start"], body["period"]["end"]) == (start, end)
+        assert Decimal(body["period"]["credits_used"]) == (0 if period == "hour" else
+                                                           Decimal("0.001"))
 
 
 async def test_balance_of_unknown_customer_is_404_and_of_usage_only_customer_is_served(
@@ -327,7 +344,9 @@ async def test_metrics_count_requests_by_route_template(migrated_database: str) 
 async def test_readyz_reports_the_database_going_away(migrated_database: str) -> None:
     async with running_api(api_settings(migrated_database)) as api:
         await api.get_json("/readyz")
-        await api.server._pool.close()  # noqa: SLF001 - simulate losing the database
+        pool = api.server._pool  # noqa: SLF001 - simulate losing the database
+        assert pool is not None
+        await pool.close()
         body = await api.get_json("/readyz", 503)
         assert body["error"]["code"] == "not_ready"
         body = await api.get_json("/v1/customers/x/balance", 503)
