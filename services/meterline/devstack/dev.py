@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -210,6 +211,19 @@ def render(elapsed: float, gen: LoadGenerator, snap: Snapshot, rate: float,
     return "\n".join(lines)
 
 
+def _api_answers(settings: Settings) -> bool:
+    """The API served a balance for a demo customer (with the dev token)."""
+    token = os.environ["METERLINE_API_TOKENS"].split(",")[0].strip()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{settings.api.port}/v1/customers/{customer_ids(1)[0]}/balance",
+        headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status == 200 and "balance" in orjson.loads(r.read())
+    except OSError:
+        return False
+
+
 def compare(expected: dict[str, Decimal], debited: dict[str, Decimal]) -> list[dict[str, str]]:
     out = []
     for c in sorted(set(expected) | set(debited)):
@@ -233,7 +247,8 @@ async def _run(
         dsn = stack.enter_context(EmbeddedPostgres(workdir / "postgres")).dsn
     config = write_config(workdir, bootstrap, dsn, args.customers,
                           {"stripe": dev_stripe.config_overrides(),
-                           **dev_webhooks.config_overrides()})
+                           **dev_webhooks.config_overrides(),
+                           "api": {"host": "127.0.0.1", "port": _free_port()}})
     settings: Settings = load_settings(config)
     await migrate(dsn)
     ensure_topics(settings)
@@ -254,10 +269,29 @@ async def _run(
         await dev_stripe.start(settings, services, pool, customer_ids(args.customers))
         say("starting the webhook bridge and the ledger consumer ...")
         await dev_webhooks.start(settings, services, dev_stripe.emulated(settings))
+        start_api(settings, services)
+        say(api_banner(settings))
         say(f"processor ready; sending {args.rate:.0f} events/s to {len(customer_ids(args.customers))} customers")
         return await _drive(args, settings, services, pool, bootstrap)
     finally:
         await pool.close()
+
+
+def start_api(settings: Settings, services: Services) -> None:
+    """`meterline api` with a fresh dev-only token (unless METERLINE_API_TOKENS is set)."""
+    os.environ.setdefault("METERLINE_API_TOKENS", "dev-" + secrets.token_urlsafe(24))
+    services.start("api")
+
+
+def api_banner(settings: Settings) -> str:
+    token = os.environ["METERLINE_API_TOKENS"].split(",")[0].strip()
+    ports = {"processor": settings.processor.metrics_port, "relay": settings.relay.metrics_port,
+             "stripe-sink": settings.stripe.metrics_port,
+             "webhook-bridge": settings.webhook_bridge.port,
+             "ledger-consumer": settings.ledger_consumer.metrics_port, "api": settings.api.port}
+    return (f"  API  http://127.0.0.1:{settings.api.port}/v1/customers/cust_00000/balance"
+            f"   (Authorization: Bearer {token})\n"
+            "  /metrics  " + "  ".join(f"{n} :{p}" for n, p in ports.items()))
 
 
 async def _drive(args: argparse.Namespace, settings: Settings, services: Services,
@@ -286,6 +320,7 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
                 rate = (n_new - n_old) / max(t_new - t_old, 1e-9)
                 m = scrape(settings.processor.metrics_port)
                 print(render(now - started, gen, snap, rate, m), flush=True)
+                print(api_banner(settings), flush=True)
                 print(dev_stripe.live_line(scrape(settings.stripe.metrics_port)), flush=True)
                 print(top_ups.live_line(scrape(bridge_port), scrape(ledger_port)), flush=True)
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -329,6 +364,7 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
         summary["mismatches"] = mismatches[:10]
     summary |= await dev_stripe.finish(settings, pool, services)
     summary |= await top_ups.finish(scrape(bridge_port))
+    summary["api_answers"] = await asyncio.to_thread(_api_answers, settings)
     # "exact" includes the Stripe-bought credits: one grant per top-up, balances = ledger sums
     summary["ledger_matches_expected"] = (summary["ledger_matches_expected"]
                                           and summary["stripe_grants_exact"]

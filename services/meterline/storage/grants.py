@@ -178,6 +178,10 @@ async def void_grant_credits(
     that much smaller. Not idempotent by itself: the caller records its key.
     """
     async with conn.transaction():
+        # the flush's lock order -- the customer's balance row, then its grants -- so a
+        # refund racing a debit waits instead of deadlocking
+        customer = await conn.fetchval("SELECT customer_id FROM grants WHERE id = $1", grant_id)
+        await conn.execute("SELECT 1 FROM balances WHERE customer_id = $1 FOR UPDATE", customer)
         row = await conn.fetchrow(
             "SELECT customer_id, remaining FROM grants WHERE id = $1 FOR UPDATE", grant_id)
         take = min(row["remaining"], credits)
