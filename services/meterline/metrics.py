@@ -6,8 +6,10 @@ refer to these names and a test checks that every name they use exists here.
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -273,6 +275,21 @@ def observe_counts(histogram: Histogram, counted: Sequence[tuple[float, int]]) -
             bucket.inc(n)
     if counted:
         histogram._sum.inc(total)  # noqa: SLF001
+
+
+def run_service(port: int, serve_until: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Blocking entry point of a long-running service: /metrics on `port`, then
+    `serve_until(stop)` in a fresh event loop; SIGINT/SIGTERM set `stop`."""
+    serve(port)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_until(stop)
+
+    asyncio.run(main())
 
 
 def serve(port: int) -> None:

@@ -32,6 +32,8 @@ from meterline.billing.ledger_actions import Apply, Catalog, Ignore, Reason, Rej
 from meterline.billing.stripe_events import decide, type_label
 from meterline.billing.stripe_ledger import Applied, EventRejected, LedgerPolicy, apply_event
 from meterline.config import Settings
+from meterline.metrics import run_service
+from meterline.processor import dlq
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, Headers
 from meterline.storage.db import create_pool
 from meterline.storage.grants import sync_plans
@@ -72,19 +74,8 @@ def dead_letter_headers(
     event_id: str | None, event_type: str | None,
 ) -> Headers:
     """The DLQ header conventions of `schemas/dlq-headers.md`, plus the Stripe event's id/type."""
-    headers: Headers = [
-        ("meterline.reason", reason.encode()),
-        ("meterline.detail", detail[:1000].encode()),
-        ("meterline.original.topic", topic.encode()),
-        ("meterline.original.partition", str(partition).encode()),
-        ("meterline.original.offset", str(offset).encode()),
-        ("meterline.rejected_at_ms", str(int(time.time() * 1000)).encode()),
-    ]
-    if event_id:
-        headers.append(("meterline.stripe_event_id", event_id.encode()))
-    if event_type:
-        headers.append(("meterline.stripe_event_type", event_type.encode()))
-    return headers
+    return dlq.dead_letter_headers(reason, detail, topic, partition, offset,
+                                   stripe_event_id=event_id, stripe_event_type=event_type)
 
 
 class LedgerConsumer:
@@ -298,15 +289,4 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 def run(settings: Settings) -> None:
     """`meterline ledger-consumer`: run until SIGINT/SIGTERM."""
-    import signal
-
-    metrics.serve(settings.ledger_consumer.metrics_port)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(main())
+    run_service(settings.ledger_consumer.metrics_port, lambda stop: serve(settings, stop))

@@ -20,6 +20,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from meterline import metrics
 from meterline.config import Settings
+from meterline.metrics import run_service
 from meterline.storage.db import create_pool
 
 log = logging.getLogger(__name__)
@@ -131,15 +132,4 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 def run(settings: Settings) -> None:
     """Run the relay until SIGINT/SIGTERM."""
-    import signal
-
-    metrics.serve(settings.relay.metrics_port)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(main())
+    run_service(settings.relay.metrics_port, lambda stop: serve(settings, stop))

@@ -48,6 +48,7 @@ from meterline import metrics
 from meterline.config import Settings
 from meterline.core.credits import decimal_text
 from meterline.storage.db import create_pool
+from meterline.storage.grants import period_bounds
 from meterline.stripe import reports
 from meterline.stripe.reports import Staged
 from meterline.stripe.sink import stripe_api_key
@@ -136,23 +137,10 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
             for k, v in d.items()}
 
 
-def period_bounds(at: datetime, period: str) -> tuple[datetime, datetime]:
-    """The UTC calendar period holding `at`."""
-    if period == "hour":
-        start = at.replace(minute=0, second=0, microsecond=0)
-        return start, start + timedelta(hours=1)
-    if period == "day":
-        start = at.replace(hour=0, minute=0, second=0, microsecond=0)
-        return start, start + timedelta(days=1)
-    start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    nxt = (start + timedelta(days=32)).replace(day=1)
-    return start, nxt
-
-
 def periods(now: datetime, period: str, lookback: int) -> list[tuple[datetime, datetime]]:
-    out = [period_bounds(now, period)]
+    out = [period_bounds(period, now)]
     for _ in range(lookback):
-        out.append(period_bounds(out[-1][0] - timedelta(seconds=1), period))
+        out.append(period_bounds(period, out[-1][0] - timedelta(seconds=1)))
     return sorted(out)
 
 
