@@ -19,8 +19,8 @@ import aiohttp
 import orjson
 import pytest
 from confluent_kafka import Producer
-from integration.harness import db_pool, fleet, read_messages, wait_for_owners, wait_until
 
+from integration.harness import db_pool, fleet, read_messages, wait_for_owners, wait_until
 from meterline.api import ApiServer
 from meterline.billing import consumer as ledger_consumer
 from meterline.config import Settings

@@ -15,12 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from meterline.config import Settings
-from meterline.devstack.load import LoadGenerator, customer_ids
-from meterline.stripe.emulator import StripeEmulator, serve
-from meterline.stripe.provision import ensure_customers, ensure_meters
-from meterline.stripe.transport import Stripe
-
 from integration.harness import (
     Sender,
     assert_exact,
@@ -30,6 +24,11 @@ from integration.harness import (
     wait_for_owners,
     wait_until,
 )
+from meterline.config import Settings
+from meterline.devstack.load import LoadGenerator, customer_ids
+from meterline.stripe.emulator import StripeEmulator, serve
+from meterline.stripe.provision import ensure_customers, ensure_meters
+from meterline.stripe.transport import Stripe
 
 pytestmark = pytest.mark.e2e
 
