@@ -249,15 +249,11 @@ class Reconciler:
                       resubmit: bool, retry_rejected: bool) -> None:
         horizon = now - timedelta(hours=self.cfg.resubmit_horizon_hours)
         short = [r for r in rows if r.flagged and r.stripe is not None and r.stripe < r.settled]
+        statuses = ["accepted"] * resubmit + ["rejected"] * retry_rejected
         async with self.pool.acquire() as conn:
             if resubmit:
                 await self._stage_unreported(conn, rows, start, stop, now)
             for r in short:
-                statuses = ["accepted"] if resubmit else []
-                if retry_rejected:
-                    statuses.append("rejected")
-                if not statuses:
-                    continue
                 n = await conn.fetchval(
                     """WITH again AS (
                          UPDATE stripe_reports SET status = 'pending', next_attempt_at = now(),

@@ -96,7 +96,7 @@ async def stage(conn: asyncpg.Connection, items: Sequence[Staged], interval_seco
                         bucket_of(i.window_start, interval_seconds))].append(i)
         if not groups:
             return 0
-        keys = list(groups)
+        keys = sorted(groups)  # one lock order for concurrent stagers of the same reports
         grace = timedelta(seconds=interval_seconds + seal_grace_seconds)
         rows = await conn.fetch(
             """
@@ -106,9 +106,9 @@ async def stage(conn: asyncpg.Connection, items: Sequence[Staged], interval_seco
                    COALESCE((SELECT max(part) + 1 FROM stripe_reports x
                              WHERE x.customer_id = t.c AND x.meter = t.m
                                AND x.bucket_start = t.b), 0),
-                   t.q, t.n, t.b + $8::interval
+                   t.q, t.n, t.b + $7::interval
             FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::numeric[],
-                        $6::int[], $7::int[]) AS t(c, m, e, b, q, n, i)
+                        $6::int[]) WITH ORDINALITY AS t(c, m, e, b, q, n, i)
             ORDER BY t.i
             ON CONFLICT (customer_id, meter, bucket_start) WHERE status = 'open'
             DO UPDATE SET quantity = r.quantity + EXCLUDED.quantity,
@@ -117,7 +117,7 @@ async def stage(conn: asyncpg.Connection, items: Sequence[Staged], interval_seco
             """,
             [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
             [k[3] for k in keys], [sum((g.quantity for g in groups[k]), Decimal(0)) for k in keys],
-            [len(groups[k]) for k in keys], list(range(len(keys))), grace,
+            [len(groups[k]) for k in keys], grace,
         )
         report_of = {(r["customer_id"], r["meter"], r["bucket_start"]): r["id"] for r in rows}
         ids, reports = [], []

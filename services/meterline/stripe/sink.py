@@ -39,7 +39,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiolimiter import AsyncLimiter
 from circuitbreaker import CircuitBreaker, CircuitBreakerError
 
@@ -169,14 +169,13 @@ class StripeSink:
         """Commit, per partition, up to the first aggregate Stripe has not finished with."""
         async with self.pool.acquire() as conn:
             floor = await reports.unfinished_offset_floor(conn)
-        topic = self.settings.kafka.aggregates_topic
         offsets = {}
         for tp in consumer.assignment():
             if tp.partition not in self._consumed:
                 continue
             target = min(self._consumed[tp.partition], floor.get(tp.partition, 1 << 62))
             if target > self._committed.get(tp.partition, -1):
-                offsets[TopicPartition(topic, tp.partition)] = target
+                offsets[tp] = target
         if offsets:
             await consumer.commit(offsets)
             self._committed.update({tp.partition: o for tp, o in offsets.items()})
@@ -276,17 +275,15 @@ class StripeSink:
         try:
             async with self.limiter:
                 started = time.perf_counter()
-                results = await self.breaker.call_async(self._guarded_send, events)
-        except CircuitBreakerError:
+                try:
+                    results = await self.breaker.call_async(self._guarded_send, events)
+                except StripeOutage as exc:
+                    results = exc.args[0]
+                metrics.STRIPE_REQUEST_DURATION.labels(name).observe(time.perf_counter() - started)
+                metrics.STRIPE_REQUESTS.labels(name, results[0].outcome).inc()
+        except CircuitBreakerError:  # no request was made
             results = [Result("retry", code="circuit_open", message="circuit breaker open",
                               retry_after=self.breaker.open_remaining)] * len(batch)
-        except StripeOutage as exc:
-            results = exc.args[0]
-            metrics.STRIPE_REQUEST_DURATION.labels(name).observe(time.perf_counter() - started)
-        else:
-            metrics.STRIPE_REQUEST_DURATION.labels(name).observe(time.perf_counter() - started)
-        if results and results[0].code != "circuit_open":
-            metrics.STRIPE_REQUESTS.labels(name, results[0].outcome).inc()
         return list(zip(batch, results, strict=True))
 
     async def _guarded_send(self, events: Sequence[MeterEvent]) -> list[Result]:
