@@ -301,3 +301,41 @@ async def test_v2_session_renewed_before_expiry_and_after_stripe_says_expired() 
         await api.close()
         await runner.cleanup()
     assert len(emu.events) == 120 and {e.source for e in emu.events} == {"v2"}
+
+
+async def test_malformed_aggregates_go_to_the_dlq_and_the_partition_keeps_flowing(
+    sink_env: Callable[..., Any],
+) -> None:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from meterline import metrics
+
+    async with sink_env(["c1"], coalesce_interval_seconds=0) as env:
+        [w] = windows(1)
+        good = aggregate("c1", "api_calls", w, "4")
+        await env.record_aggregates([good])
+        k = env.settings.kafka
+        p = Producer({"bootstrap.servers": k.bootstrap_servers})
+        for bad in (b"\xff not json", orjson.dumps({"id": "agg_x", "meter": "api_calls"})):
+            p.produce(k.aggregates_topic, bad, b"c1", partition=0)
+        p.produce(k.aggregates_topic, orjson.dumps(good), b"c1", partition=0)
+        assert p.flush(10) == 0
+        counted = metrics.DLQ_MESSAGES.labels(k.aggregates_dlq_topic, "malformed_aggregate")
+        before = counted._value.get()  # noqa: SLF001 - prometheus-client has no public read
+        sink, task = await start_sink(env.settings)
+        try:
+            await wait_until(lambda: asyncio.sleep(0, env.stripe_totals() == {
+                ("c1", "api_calls"): Decimal(4)}), timeout=20, what="the good aggregate in Stripe")
+            await asyncio.sleep(1.5)  # one more offset commit round
+        finally:
+            await stop_sink(sink, task)
+        dlq = read_messages(k.bootstrap_servers, k.aggregates_dlq_topic)
+        c = Consumer({"bootstrap.servers": k.bootstrap_servers,
+                      "group.id": env.settings.stripe.consumer_group})
+        [committed] = c.committed([TopicPartition(k.aggregates_topic, 0)], timeout=10)
+        c.close()
+    assert [m.headers["meterline.reason"] for m in dlq] == [b"malformed_aggregate"] * 2
+    assert sorted(m.headers["meterline.original.offset"] for m in dlq) == [b"0", b"1"]
+    assert dlq[0].value == b"\xff not json"  # the original bytes, untouched
+    assert counted._value.get() - before == 2  # noqa: SLF001
+    assert committed.offset == 3  # past the bad messages and the accepted one
