@@ -8,10 +8,20 @@ import logging
 import sys
 
 from meterline.config import ConfigError, Settings, load_settings
+from meterline.preflight import Unreachable, check_kafka, check_postgres
+
+POSTGRES, KAFKA = "postgres", "kafka"
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    """Load the config once, then check that what this command needs answers."""
+    settings = load_settings(args.config, **overrides)
+    needs = getattr(args, "needs", ())
+    if POSTGRES in needs:
+        check_postgres(settings.database_url)
+    if KAFKA in needs:
+        check_kafka(settings.kafka.bootstrap_servers)
+    return settings
 
 
 def _processor(args: argparse.Namespace) -> int:
@@ -110,25 +120,42 @@ def _api(args: argparse.Namespace) -> int:
     from meterline.api import run
 
     listen = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    run(load_settings(args.config, **({"api": listen} if listen else {})))
+    run(_settings(args, **({"api": listen} if listen else {})))
     return 0
+
+
+def _common_options(parser: argparse.ArgumentParser, *, on_command: bool) -> None:
+    """-c and -v, accepted before or after the command. A command's parser has no
+    defaults of its own (SUPPRESS), so it never resets an option given before it."""
+    parser.add_argument("-c", "--config", default=argparse.SUPPRESS if on_command else None,
+                        help="YAML config file (default: $METERLINE_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        default=argparse.SUPPRESS if on_command else False,
+                        help="debug logging, and tracebacks on start-up failures")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meterline", description=__doc__)
-    parser.add_argument("-c", "--config", help="YAML config file (default: $METERLINE_CONFIG)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _common_options(parser, on_command=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, on_command=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("processor", help="consume usage.events, debit credits (Faust worker)")
+    def add(name: str, help: str, needs: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        """A command; `needs` are what `_settings` checks answer before the command runs."""
+        command = sub.add_parser(name, help=help, parents=[common])
+        command.set_defaults(needs=needs)
+        return command
+
+    p = add("processor", needs=(POSTGRES, KAFKA), help="consume usage.events, debit credits (Faust worker)")
     p.add_argument("--worker-id", help="owner name recorded with partition claims")
     p.set_defaults(func=_processor)
 
-    sub.add_parser("relay", help="publish outbox rows to Kafka").set_defaults(func=_relay)
-    sub.add_parser("migrate", help="apply SQL migrations").set_defaults(func=_migrate)
-    sub.add_parser("topics", help="create the Kafka topics meterline uses").set_defaults(func=_topics)
+    add("relay", needs=(POSTGRES, KAFKA), help="publish outbox rows to Kafka").set_defaults(func=_relay)
+    add("migrate", needs=(POSTGRES,), help="apply SQL migrations").set_defaults(func=_migrate)
+    add("topics", needs=(KAFKA,), help="create the Kafka topics meterline uses").set_defaults(func=_topics)
 
-    p = sub.add_parser("dev", help="embedded broker + Postgres + all services + load + live view")
+    p = add("dev", help="embedded broker + Postgres + all services + load + live view")
     p.add_argument("--duration", type=float, default=0, help="stop after S seconds (0 = until Ctrl-C)")
     p.add_argument("--headless", action="store_true", help="no live view; print a JSON summary last")
     p.add_argument("--rate", type=float, default=2000, help="load generator events/s")
@@ -136,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="keep broker/Postgres data here instead of a temp dir")
     p.set_defaults(func=_dev)
 
-    p = sub.add_parser("load", help="publish a realistic usage mix to usage.events")
+    p = add("load", help="publish a realistic usage mix to usage.events")
     p.add_argument("--rate", type=float, default=2000, help="events/s")
     p.add_argument("--duration", type=float, default=60, help="seconds")
     p.add_argument("--customers", type=int, default=200)
@@ -146,14 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invalid", type=float, default=0.005, help="fraction of bad input")
     p.set_defaults(func=_load)
 
-    p = sub.add_parser("stripe-emulator", help="local emulator of Stripe's Billing Meter API")
+    p = add("stripe-emulator", help="local emulator of Stripe's Billing Meter API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=12111)
     p.add_argument("--rate", type=float, default=100, help="requests/s before 429 (0 = no limit)")
     p.add_argument("--failure-rate", type=float, default=0.0, help="fraction of random 500s")
     p.set_defaults(func=_stripe_emulator)
 
-    p = sub.add_parser("bench", help="measure throughput and latency end to end")
+    p = add("bench", help="measure throughput and latency end to end")
     p.add_argument("--events", type=int, default=300_000, help="events in each burst phase")
     p.add_argument("--steady-seconds", type=float, default=20, help="length of each steady phase")
     p.add_argument("--single-rate", type=float, default=10_000, help="steady rate, single-event messages")
@@ -192,15 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--api: window aggregates seeded per customer and meter (5 s apart)")
     p.set_defaults(func=_bench)
 
-    sub.add_parser("stripe-sink", help="report usage.aggregates to Stripe meter events").set_defaults(
+    add("stripe-sink", needs=(POSTGRES, KAFKA), help="report usage.aggregates to Stripe meter events").set_defaults(
         func=_stripe_sink)
 
-    sub.add_parser(
+    add(
         "stripe-provision",
         help="create missing Stripe meters and customers (use a test-mode key or the emulator)",
     ).set_defaults(func=_stripe_provision)
 
-    p = sub.add_parser("reconcile", help="ledger vs sink reports vs Stripe meter event summaries")
+    p = add("reconcile", needs=(POSTGRES,), help="ledger vs sink reports vs Stripe meter event summaries")
     p.add_argument("--every", type=float, default=None,
                    help="repeat every S seconds (default: reconcile.every_seconds; 0 = once)")
     p.add_argument("--out", help="report directory (default: reconcile.report_dir)")
@@ -212,15 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="billing period to compare (default: reconcile.period)")
     p.set_defaults(func=_reconcile)
     # webhook bridge subcommand
-    sub.add_parser(
-        "webhook-bridge", help="Stripe webhooks -> verified events on stripe.events (HTTP)"
+    add(
+        "webhook-bridge", needs=(KAFKA,), help="Stripe webhooks -> verified events on stripe.events (HTTP)"
     ).set_defaults(func=_webhook_bridge)
     # ledger consumer subcommand
-    sub.add_parser(
-        "ledger-consumer", help="apply Stripe events (stripe.events) to the credits ledger"
+    add(
+        "ledger-consumer", needs=(POSTGRES, KAFKA), help="apply Stripe events (stripe.events) to the credits ledger"
     ).set_defaults(func=_ledger_consumer)
     # api subcommand
-    p = sub.add_parser("api", help="HTTP API: balance, entitlements, usage, ledger, export, grants")
+    p = add("api", needs=(POSTGRES,), help="HTTP API: balance, entitlements, usage, ledger, export, grants")
     p.add_argument("--host", help="listen address (default: api.host)")
     p.add_argument("--port", type=int, help="listen port (default: api.port, 8080)")
     p.set_defaults(func=_api)
@@ -238,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meterline: {exc}", file=sys.stderr)
         return 2
+    except Unreachable as exc:
+        if args.verbose:
+            logging.exception("start-up check failed")
+        print(f"meterline {args.command}: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
 
