@@ -29,7 +29,7 @@ from meterline.devstack.dev import Services, Snapshot, compare, read_dlq, read_t
 from meterline.devstack.load import LoadGenerator
 
 __all__ = [
-    "Fleet", "Message", "Sender", "assert_exact", "assert_ledger_integrity", "compare", "db_pool",
+    "FakeClock", "Fleet", "Message", "Record", "Sender", "assert_exact", "assert_ledger_integrity", "compare", "db_pool",
     "fleet", "owners", "read_dlq", "read_messages", "snapshot", "wait_for_ledger", "wait_for_owners",
     "wait_until", "write_settings",
 ]
@@ -306,6 +306,28 @@ class Sender:
             raise AssertionError("the load sender did not stop within 90 s")
         if self._error is not None:
             raise self._error
+
+
+# --- in-memory records for Pipeline-level tests ------------------------------------------
+
+
+@dataclass(slots=True)
+class Record:
+    """What `Pipeline.ingest` reads of a Kafka record."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class FakeClock:
+    """A pipeline clock the test moves: `clock.now = ...`."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 # --- reading topics ---------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 from prometheus_client import REGISTRY
@@ -19,26 +18,11 @@ from meterline.processor.dlq import DlqWriter
 from meterline.processor.pipeline import Pipeline, RecordRun
 from meterline.storage.db import create_pool
 
-from .harness import assert_exact, assert_ledger_integrity, snapshot
+from .harness import FakeClock, Record, assert_exact, assert_ledger_integrity, snapshot
 
 pytestmark = pytest.mark.integration
 
 EVENTS = 300
-
-
-@dataclass(slots=True)
-class Record:
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def fenced_flushes() -> float:

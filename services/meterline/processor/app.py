@@ -197,6 +197,11 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
         consumer = app.consumer
         assert isinstance(consumer, CheckpointedConsumer)
         pipeline.seek = consumer.seek_back
+        if state.get("agent_started"):
+            # Faust restarted a crashed agent: whatever run it was handling is unknown here,
+            # so refetch every owned partition from its next unhandled record.
+            await pipeline.rewind_all()
+        state["agent_started"] = True
         try:
             async for run in stream:
                 try:
@@ -206,7 +211,7 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
                     log.exception("handling a run of partition %d raised; its unhandled records "
                                   "are fetched again", run.partition)
                     try:
-                        await pipeline.rewind(run.partition)
+                        await pipeline.rewind(run)
                     except Exception:  # noqa: BLE001 - kept pending; the next run's gap check seeks
                         log.exception("seeking partition %d back failed", run.partition)
         except Exception:

@@ -187,12 +187,25 @@ class Pipeline:
         """Drop every run in flight for `partition` and ask the consumer to refetch from `offset`."""
         self._seeks[partition] = (offset, self._next_seek_generation(partition))
 
-    async def rewind(self, partition: int) -> None:
-        """Refetch `partition` from its next unhandled record (after a run was abandoned)."""
-        expected = self.windows.next_offset(partition)
-        if expected is not None:
-            self._seek_back(partition, expected)
-            await self.make_seeks()
+    async def rewind(self, run: RecordRun) -> None:
+        """After `run` was abandoned (handling it raised): refetch its unhandled records, if any."""
+        p = run.partition
+        expected = self.windows.next_offset(p)
+        if (run.generation == self.generation(p) and expected is not None and run.records
+                and run.records[-1].offset >= expected):
+            metrics.INTAKE_GAPS.inc()
+            log.warning("partition %d: records from offset %d on were abandoned; seeking back",
+                        p, expected)
+            self._seek_back(p, expected)
+        await self.make_seeks()
+
+    async def rewind_all(self) -> None:
+        """Refetch every owned partition from its next unhandled record (after an agent restart)."""
+        for p in list(self.epochs):
+            expected = self.windows.next_offset(p)
+            if expected is not None:
+                self._seek_back(p, expected)
+        await self.make_seeks()
 
     async def make_seeks(self) -> None:
         """Make the seeks requested by gap detection (kept for the next call if seeking fails)."""
@@ -249,6 +262,7 @@ class Pipeline:
         finally:
             if stalled_at is not None:  # the run went stale (re-claimed) while waiting
                 metrics.INTAKE_STALLED.set(0)
+        await self.make_seeks()  # a gap found in this run: refetch now, not at the next run
 
     def ingest(self, run: RecordRun, start: int = 0, max_events: int = 20_000) -> int | None:
         """Validate and window records of one run from index `start`; DLQ the rejections.
