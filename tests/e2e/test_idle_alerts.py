@@ -119,6 +119,10 @@ async def test_idle_topic_fires_no_critical_alert(
             assert metric_value(samples, "meterline_pending_events") == 0
             assert metric_value(samples, "meterline_owned_partitions") == settings.kafka.partitions
             assert metric_value(samples, "meterline_last_flush_commit_timestamp_seconds") > 0
+            # A healthy run: no gap was found, no run abandoned, nothing stalled.
+            for healthy_at_zero in ("meterline_intake_gaps_total", "meterline_agent_crashes_total",
+                                    "meterline_intake_stalled", "meterline_intake_internal_errors_total"):
+                assert metric_value(samples, healthy_at_zero) == 0, healthy_at_zero
 
     critical = critical_alerts()
     assert "MeterlineProcessorNotCommitting" in critical

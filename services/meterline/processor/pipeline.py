@@ -333,15 +333,16 @@ class Pipeline:
                               position: int) -> None:
         """Send `rec` whole (raw bytes) to the DLQ as internal_error; Stalled if it cannot go."""
         kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        metrics.INTAKE_INTERNAL_ERRORS.inc()
-        log.error("partition %d offset %d: handling the record raised %s; dead-lettered as %s",
-                  partition, rec.offset, kind, Reason.INTERNAL_ERROR.value, exc_info=exc)
         headers = dead_letter_headers(Reason.INTERNAL_ERROR.value, f"{kind}: {exc}",
                                       self.dlq.source_topic, partition, rec.offset, exception=kind)
         try:
             self.dlq.publish(rec.key, rec.value or b"", headers, Reason.INTERNAL_ERROR.value)
         except Exception as dlq_exc:  # noqa: BLE001 - whatever the cause, the record must not be skipped
             raise Stalled(position, dlq_exc) from dlq_exc
+        # Counted and logged once the record is in the DLQ, not on every retry of a stall.
+        metrics.INTAKE_INTERNAL_ERRORS.inc()
+        log.error("partition %d offset %d: handling the record raised %s; dead-lettered as %s",
+                  partition, rec.offset, kind, Reason.INTERNAL_ERROR.value, exc_info=exc)
 
     def _apply(self, partition: int, accepted: list[UsageEvent], rejected: list[str],
                records: int, next_offset: int, now_ms: int) -> None:
