@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import REGISTRY
 
+from meterline import metrics
 from meterline.config import Settings
 from meterline.devstack.load import LoadGenerator, customer_ids
 from meterline.processor.dlq import DlqWriter
@@ -61,6 +62,7 @@ async def test_zombie_worker_flush_is_rejected_by_fencing(
         assert checkpoint_before == {"next_offset": 0, "epoch": 2, "owner": "worker-B"}
 
         fenced_before = fenced_flushes()
+        metrics.CONSUMER_LAG.labels("0").set(7)  # what the zombie's consumer last saw
         clock_a.now = past_close
         assert await zombie.flush_tick() is None
 
@@ -77,6 +79,8 @@ async def test_zombie_worker_flush_is_rejected_by_fencing(
         # ... counted the rejection, and let the partition go with its buffered events.
         assert fenced_flushes() == fenced_before + 1
         assert 0 not in zombie.epochs
+        # ... and its lag for the partition: a stale value would read as work waiting here.
+        assert REGISTRY.get_sample_value("meterline_consumer_lag_messages", {"partition": "0"}) is None
         assert not zombie.windows.owns(0)
         assert zombie.windows.pending_events == 0
         zombie.ingest(RecordRun(0, zombie.generation(0), records))  # a stale fetch: ignored

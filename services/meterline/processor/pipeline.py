@@ -38,6 +38,7 @@ Intake rules (what keeps "nothing lost, nothing stuck"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -169,6 +170,10 @@ class Pipeline:
             self.slots.pop(p, None)
             self.generations[p] = self.generations.get(p, 0) + 1
             self._next_seek_generation(p)
+            # Its lag is its next owner's to report: a stale value here would count as
+            # work waiting on this worker (MeterlineProcessorNotCommitting).
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(str(p))
         metrics.OWNED_PARTITIONS.set(len(self.epochs))
         metrics.PENDING_EVENTS.set(self.windows.pending_events)
 
