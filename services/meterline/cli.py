@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from meterline.config import ConfigError, Settings, load_settings
@@ -102,7 +103,9 @@ def _reconcile(args: argparse.Namespace) -> int:
 # webhook bridge handler
 def _webhook_bridge(args: argparse.Namespace) -> int:
     from meterline.webhooks.bridge import run
+    from meterline.webhooks.signing_secrets import resolve_signing_secrets
 
+    resolve_signing_secrets(os.environ)  # no secret: a config error (exit 2), before any server
     run(_settings(args))
     return 0
 
@@ -118,6 +121,9 @@ def _ledger_consumer(args: argparse.Namespace) -> int:
 # api handler
 def _api(args: argparse.Namespace) -> int:
     from meterline.api import run
+    from meterline.api.auth import load_tokens
+
+    load_tokens(os.environ)  # no token: a config error (exit 2), before any server
 
     listen = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     run(_settings(args, **({"api": listen} if listen else {})))
