@@ -127,6 +127,9 @@ async def test_storm_of_bad_inputs_dead_letters_each_once_and_debits_every_valid
             snap = await wait_for_ledger(pool, gen, timeout=120, workers=workers, settle=1.0)
             assert_agent_never_crashed(workers)
 
+    print(f"storm: {len(messages)} messages, {sum(want.values())} bad inputs -> DLQ {sum(got.values())} "
+          f"{dict(sorted(got.items()))}; {gen.stats.events_sent} valid events, {snap.events_debited} debited; "
+          f"classes {dict(sorted(kinds.items()))}")
     # Every bad input dead-lettered exactly once, under its reason ...
     assert got == dict(want), {r: (got.get(r, 0), n) for r, n in (want | Counter(got)).items()
                                if got.get(r, 0) != want.get(r, 0)}
