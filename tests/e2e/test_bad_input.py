@@ -15,7 +15,6 @@ failures, a DLQ producer sized for 1-2 MB rejections).
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,7 +37,13 @@ from integration.harness import (
 )
 from meterline.config import Settings
 from meterline.devstack.load import LoadGenerator, customer_ids
-from meterline.devstack.storm import Storm, StormMessage, expected_dead_letters, storm_producer
+from meterline.devstack.storm import (
+    Storm,
+    StormMessage,
+    expected_dead_letters,
+    send,
+    storm_producer,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -55,17 +60,7 @@ def assert_agent_never_crashed(workers: Fleet) -> None:
 
 
 def produce_all(settings: Settings, messages: list[StormMessage]) -> None:
-    producer = storm_producer(settings.kafka.bootstrap_servers)
-    topic = settings.kafka.usage_topic
-    for m in messages:
-        while True:
-            try:
-                producer.produce(topic, m.value, m.key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        producer.poll(0)
-    assert producer.flush(120) == 0, "the broker did not take every storm message"
+    send(storm_producer(settings.kafka.bootstrap_servers), settings.kafka.usage_topic, messages)
 
 
 async def wait_for_dead_letters(settings: Settings, want: Counter[str], workers: Fleet,
@@ -85,28 +80,9 @@ async def wait_for_dead_letters(settings: Settings, want: Counter[str], workers:
     return await asyncio.to_thread(read_dlq, k.bootstrap_servers, k.usage_dlq_topic, 1.0)
 
 
-def storm_messages(storm: Storm, now_ms: int, rng: random.Random) -> list[StormMessage]:
-    """At least BAD_INPUTS bad inputs of every class, mixed with about 3,000 valid events."""
-    messages = [storm.oversized(now_ms) for _ in range(12)]
-    messages += [storm.large_unknown_type(now_ms) for _ in range(6)]
-    messages += [storm.deep_member_batch(now_ms) for _ in range(30)]
-    messages += [storm.mixed_batch(now_ms) for _ in range(150)]
-    for kind in sorted(storm.small):  # every small class at least 20 times, with and without a key
-        messages += [storm.bad(now_ms, kind, null_key=i % 4 == 0) for i in range(20)]
-    messages += [storm.valid(now_ms) for _ in range(2_000)]
-    messages += [storm.valid_duplicate_keys(now_ms) for _ in range(100)]
-    messages += [storm.valid_null_key(now_ms) for _ in range(100)]
-    messages += [storm.empty_batch() for _ in range(20)]
-    while sum(len(m.dlq) for m in messages) < BAD_INPUTS:
-        messages.append(storm.bad(now_ms, null_key=rng.random() < 0.05))
-    rng.shuffle(messages)
-    return messages
-
-
 async def test_storm_of_bad_inputs_dead_letters_each_once_and_debits_every_valid_event_once(
     pipeline_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    rng = random.Random(SEED)
     settings = pipeline_settings(customers=50, processor={"require_known_customers": True})
     k = settings.kafka
     with fleet(settings, tmp_path, "w1") as workers:
@@ -114,7 +90,7 @@ async def test_storm_of_bad_inputs_dead_letters_each_once_and_debits_every_valid
             await wait_for_owners(pool, settings, {"w1"}, workers=workers)
             gen = LoadGenerator(settings, customer_ids(50), duplicates=0, late=0, invalid=0, seed=SEED)
             storm = Storm(gen, seed=SEED)
-            messages = storm_messages(storm, int(time.time() * 1000), rng)
+            messages = storm.mix(int(time.time() * 1000), BAD_INPUTS, valid=2_000)
             want = expected_dead_letters(messages)
             kinds = Counter(m.kind.split("+")[0] for m in messages)
             assert sum(want.values()) >= BAD_INPUTS

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import random
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,6 +138,26 @@ class Storm:
         members.insert(self.rng.randrange(len(members) + 1), self._nested(self.depth + 5))
         return StormMessage("deep_member_batch", self._key(), b"[" + b",".join(members) + b"]", ("too_deep",))
 
+    def mix(self, now_ms: int, bad_inputs: int = 10_000, valid: int = 2_000) -> list[StormMessage]:
+        """At least `bad_inputs` bad inputs of every class among about `valid` + batch-member
+        valid events, shuffled: 1-2 MB messages and large ones, deep batches, mixed
+        batches, every small class at least 20 times (a quarter of them with a null key)."""
+        scale = max(bad_inputs / 10_000, 0.01)
+        messages = [self.oversized(now_ms) for _ in range(max(1, round(12 * scale)))]
+        messages += [self.large_unknown_type(now_ms) for _ in range(max(1, round(6 * scale)))]
+        messages += [self.deep_member_batch(now_ms) for _ in range(max(1, round(30 * scale)))]
+        messages += [self.mixed_batch(now_ms) for _ in range(max(1, round(150 * scale)))]
+        for kind in sorted(self.small):
+            messages += [self.bad(now_ms, kind, null_key=i % 4 == 0) for i in range(20)]
+        messages += [self.valid(now_ms) for _ in range(valid)]
+        messages += [self.valid_duplicate_keys(now_ms) for _ in range(max(1, valid // 20))]
+        messages += [self.valid_null_key(now_ms) for _ in range(max(1, valid // 20))]
+        messages += [self.empty_batch() for _ in range(20)]
+        while sum(len(m.dlq) for m in messages) < bad_inputs:
+            messages.append(self.bad(now_ms, null_key=self.rng.random() < 0.05))
+        self.rng.shuffle(messages)
+        return messages
+
     # --- builders -------------------------------------------------------------------------
 
     def _next(self) -> int:
@@ -226,3 +247,27 @@ def storm_producer(bootstrap_servers: str, max_message_bytes: int = 3 * MB) -> P
 def expected_dead_letters(messages: list[StormMessage]) -> Counter[str]:
     """DLQ messages by reason that `messages` must produce."""
     return Counter(reason for m in messages for reason in m.dlq)
+
+
+def send(producer: Producer, topic: str, messages: list[StormMessage], timeout: float = 120) -> None:
+    """Produce every message and wait until the broker has them all."""
+    for m in messages:
+        while True:
+            try:
+                producer.produce(topic, m.value, m.key)
+                break
+            except BufferError:  # local queue full: serve delivery reports, retry
+                producer.poll(0.05)
+        producer.poll(0)
+    remaining = producer.flush(timeout)
+    if remaining:
+        raise RuntimeError(f"{remaining} storm messages were not delivered to the broker")
+
+
+def run(gen: LoadGenerator, bad_inputs: int, valid: int, seed: int | None = None) -> dict[str, object]:
+    """`meterline load --storm N`: one storm to `usage.events`; what it must produce."""
+    storm = Storm(gen, seed if seed is not None else random.randrange(2**32))
+    messages = storm.mix(int(time.time() * 1000), bad_inputs, valid)
+    send(storm_producer(gen.settings.kafka.bootstrap_servers), gen.topic, messages)
+    return {"messages": len(messages), "valid_events": gen.stats.events_sent,
+            "expected_dlq": dict(sorted(expected_dead_letters(messages).items()))}
