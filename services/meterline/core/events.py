@@ -198,58 +198,49 @@ class EventValidator:
         Never raises for any input. Message-level checks come first, in this order:
         oversized, not_utf8, too_deep, malformed_json; then each event on its own.
         """
-        out = ParsedRecords([], [])
         limits = self._limits
         if value is None or len(value) > limits.max_message_bytes:
             size = 0 if value is None else len(value)
-            out.rejected.append(
-                Rejection(Reason.OVERSIZED if value else Reason.MALFORMED_JSON,
-                          f"message is {size} bytes (limit {limits.max_message_bytes})"
-                          if value else "empty message", offset, value or b"")
-            )
-            return out
+            return _whole(Rejection(
+                Reason.OVERSIZED if value else Reason.MALFORMED_JSON,
+                f"message is {size} bytes (limit {limits.max_message_bytes})" if value else "empty message",
+                offset, value or b""))
         try:
             doc = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
-            out.rejected.append(_undecodable(value, offset, exc, limits.max_json_depth))
-            return out
+            return _whole(_undecodable(value, offset, exc, limits.max_json_depth))
+        depth = limits.max_json_depth
         if type(doc) is dict:  # the common case: one event per message
             # Openers bound the depth from above: one count saves the exact check.
-            if (value.count(b"{") + value.count(b"[") > limits.max_json_depth
-                    and nests_deeper_than(value, limits.max_json_depth)):
-                out.rejected.append(_too_deep(value, offset, limits.max_json_depth))
-                return out
+            if value.count(b"{") + value.count(b"[") > depth and nests_deeper_than(value, depth):
+                return _whole(_too_deep(value, offset, depth))
             try:
-                out.accepted.append(self._validate(doc, offset, now_ms - limits.max_lateness_ms,
-                                                   now_ms + limits.max_future_skew_ms))
+                return ParsedRecords([self._validate(doc, offset, now_ms - limits.max_lateness_ms,
+                                                     now_ms + limits.max_future_skew_ms)], [])
             except _Invalid as bad:
-                out.rejected.append(Rejection(bad.reason, bad.detail, offset, value))
-            return out
+                return _whole(Rejection(bad.reason, bad.detail, offset, value))
         if type(doc) is not list:
-            out.rejected.append(Rejection(
-                Reason.INVALID_ENVELOPE, f"event is a JSON {type(doc).__name__}, not an object",
-                offset, value))
-            return out
+            return _whole(Rejection(
+                Reason.INVALID_ENVELOPE, f"event is a JSON {type(doc).__name__}, not an object", offset, value))
         if len(doc) > limits.max_batch_events:
-            out.rejected.append(Rejection(
-                Reason.OVERSIZED, f"batch has {len(doc)} events (limit {limits.max_batch_events})",
-                offset, value))
-            return out
-        if nests_deeper_than(value, limits.max_json_depth):
-            out.rejected.append(_too_deep(value, offset, limits.max_json_depth))
-            return out
+            return _whole(Rejection(
+                Reason.OVERSIZED, f"batch has {len(doc)} events (limit {limits.max_batch_events})", offset, value))
+        if nests_deeper_than(value, depth):
+            return _whole(_too_deep(value, offset, depth))
+        out = ParsedRecords([], [])
         # An empty array is a batch of no events: nothing to bill, nothing lost.
-        members: list[bytes] | None = None
         validate = self._validate
         accepted = out.accepted
         oldest_ms, newest_ms = now_ms - limits.max_lateness_ms, now_ms + limits.max_future_skew_ms
+        invalid: list[tuple[int, _Invalid]] = []
         for index, item in enumerate(doc):
             try:
                 accepted.append(validate(item, offset, oldest_ms, newest_ms))
             except _Invalid as bad:
-                if members is None:  # found once per message, and only when needed
-                    members = member_bytes(value)
-                out.rejected.append(Rejection(bad.reason, bad.detail, offset, members[index], index))
+                invalid.append((index, bad))
+        if invalid:  # each rejected member goes as its own bytes, found once per message
+            members = member_bytes(value, doc, invalid[-1][0] + 1)
+            out.rejected = [Rejection(bad.reason, bad.detail, offset, members[i], i) for i, bad in invalid]
         return out
 
     def _validate(self, doc: Any, offset: int, oldest_ms: int, newest_ms: int) -> UsageEvent:
@@ -317,6 +308,11 @@ def _envelope_problem(doc: dict[str, Any]) -> str:
 class _Invalid(Exception):
     def __init__(self, reason: Reason, detail: str) -> None:
         self.reason, self.detail = reason, detail
+
+
+def _whole(rejection: Rejection) -> ParsedRecords:
+    """The whole message rejected: its bytes go to the DLQ as they came."""
+    return ParsedRecords([], [rejection])
 
 
 def _too_deep(value: bytes, offset: int, limit: int) -> Rejection:

@@ -14,6 +14,7 @@ and would change number spellings and escapes.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # One JSON string (escapes included) or one structural character of the array/object
 # grammar. Inside accepted JSON, a `"` outside a string always opens one.
@@ -23,12 +24,36 @@ _OPENERS = frozenset(b"[{")
 _JSON_WHITESPACE = b" \t\n\r"
 
 
-def member_bytes(batch: bytes) -> list[bytes]:
-    """The bytes of each member of the JSON array `batch`, surrounding whitespace removed.
+# The comma between two object members, braces included: `}`, JSON whitespace, `,`,
+# JSON whitespace, `{`. Every boundary between two object members looks like this;
+# text inside a member (a string, a nested array of objects) can look like it too.
+_OBJECT_BOUNDARY = re.compile(rb"\}[ \t\n\r]*,[ \t\n\r]*\{")
 
-    Precondition: `orjson.loads(batch)` returned a list. Costs one regex pass over
-    the message; called only when a member is rejected, never on the accept path.
+
+def member_bytes(batch: bytes, members: list[Any], first: int) -> list[bytes]:
+    """The bytes of the first `first` members of the JSON array `batch`, surrounding
+    whitespace removed.
+
+    Precondition: `members` is `orjson.loads(batch)`. Called only when a member is
+    rejected, never on the accept path.
+
+    Fast path, when every member is an object (a batch of events): split at the
+    boundaries `_OBJECT_BOUNDARY` finds, in one C pass. Each of the len(members) - 1
+    real boundaries is found, and matches never overlap, so finding exactly that many
+    proves none was found inside a member: the pieces are the members. Otherwise one
+    exact scan.
     """
+    if all(type(m) is dict for m in members):
+        inner = batch[batch.index(b"[") + 1:batch.rindex(b"]")].strip(_JSON_WHITESPACE)
+        parts = _OBJECT_BOUNDARY.split(inner)
+        if len(parts) == len(members):  # the braces the split took are put back
+            last = len(parts) - 1
+            return [(b"{" if i else b"") + parts[i] + (b"}" if i < last else b"") for i in range(first)]
+    return _scan_members(batch)[:first]
+
+
+def _scan_members(batch: bytes) -> list[bytes]:
+    """`member_bytes` by one pass over every string and structural character."""
     members: list[bytes] = []
     depth = 0
     start = 0

@@ -58,16 +58,27 @@ def test_member_bytes_are_each_members_exact_text(data: st.DataObject, members: 
     batch = before.encode() + b"[" + data.draw(spacing).encode() + sep.join(texts) + b"]" + after.encode()
     assert orjson.loads(batch) == members
 
-    assert member_bytes(batch) == texts
+    assert member_bytes(batch, members, len(members)) == texts
+    if members:  # and any prefix of them
+        n = data.draw(st.integers(1, len(members)))
+        assert member_bytes(batch, members, n) == texts[:n]
 
 
 def test_member_bytes_of_an_empty_array_is_empty() -> None:
-    assert member_bytes(b"[]") == [] and member_bytes(b" [ \n ] ") == []
+    assert member_bytes(b"[]", [], 0) == [] and member_bytes(b" [ \n ] ", [], 0) == []
 
 
-def test_member_bytes_refuses_what_is_not_an_array() -> None:
-    with pytest.raises(ValueError):
-        member_bytes(b'"[1, 2]"')
+@pytest.mark.parametrize(("batch", "members"), [
+    # object boundaries inside a member's string or nested array: the fast cut is refused
+    (b'[{"a":"x},{y"},{"b":1}]', [b'{"a":"x},{y"}', b'{"b":1}']),
+    (b'[{"a":[{"b":1}, {"c":2}]} , {"d":3}]', [b'{"a":[{"b":1}, {"c":2}]}', b'{"d":3}']),
+    # scalars and arrays among objects
+    (b'[1, {"a":1},[2,3] ,"s,}{" ]', [b"1", b'{"a":1}', b"[2,3]", b'"s,}{"']),
+])
+def test_member_bytes_when_members_look_like_boundaries(batch: bytes, members: list[bytes]) -> None:
+    decoded = orjson.loads(batch)
+    assert decoded == [orjson.loads(m) for m in members]
+    assert member_bytes(batch, decoded, len(members)) == members
 
 
 @settings(max_examples=400, deadline=None)
