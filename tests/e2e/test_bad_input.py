@@ -71,7 +71,7 @@ async def wait_for_dead_letters(settings: Settings, want: Counter[str], workers:
     last: dict[str, int] = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        workers.check_alive()
+        assert_agent_never_crashed(workers)  # fail fast, with the crash in the report
         last = await asyncio.to_thread(read_dlq, k.bootstrap_servers, k.usage_dlq_topic, 1.0)
         if sum(last.values()) >= total:
             break
