@@ -15,12 +15,14 @@ failures, a DLQ producer sized for 1-2 MB rejections).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from integration.harness import (
@@ -132,35 +134,53 @@ async def test_storm_of_bad_inputs_dead_letters_each_once_and_debits_every_valid
     assert sum(1 for m in dlq if m.key is None) == sum(len(m.dlq) for m in messages if m.key is None)
 
 
+@dataclass
+class OneWorker:
+    """A processor `w1` on its own topics, and a storm of one customer's key to feed it."""
+
+    settings: Settings
+    workers: Fleet
+    pool: asyncpg.Pool
+    gen: LoadGenerator
+    storm: Storm
+    key: bytes
+    now_ms: int
+
+
+@contextlib.asynccontextmanager
+async def one_worker(settings: Settings, tmp_path: Path, seed: int) -> AsyncIterator[OneWorker]:
+    with fleet(settings, tmp_path, "w1") as workers:
+        async with db_pool(settings.database_url) as pool:
+            await wait_for_owners(pool, settings, {"w1"}, workers=workers)
+            gen = LoadGenerator(settings, customer_ids(5), duplicates=0, late=0, invalid=0, seed=seed)
+            yield OneWorker(settings, workers, pool, gen, Storm(gen, seed=seed), gen.customers[0].encode(),
+                            int(time.time() * 1000))
+
+
 async def test_issue_9_repro_1_a_1_1_mb_message_between_valid_events_loses_nothing(
     pipeline_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
     """Valid, 1.1 MB, valid on one key; then one more valid event; then a restart: all debited."""
     settings = pipeline_settings(customers=5)
     k = settings.kafka
-    with fleet(settings, tmp_path, "w1") as workers:
-        async with db_pool(settings.database_url) as pool:
-            await wait_for_owners(pool, settings, {"w1"}, workers=workers)
-            gen = LoadGenerator(settings, customer_ids(5), duplicates=0, late=0, invalid=0, seed=1)
-            storm = Storm(gen, seed=1)
-            now_ms = int(time.time() * 1000)
-            key = gen.customers[0].encode()
-            big = storm._padded(now_ms, 1_100_000, storm.meter.event_type)
-            produce_all(settings, [replace(storm.valid(now_ms), key=key),
-                                   StormMessage("oversized", key, big, ("oversized",)),
-                                   replace(storm.valid(now_ms), key=key)])
-            await asyncio.sleep(3)
-            produce_all(settings, [replace(storm.valid(now_ms), key=key)])
-            await wait_for_ledger(pool, gen, timeout=30, workers=workers)
-            assert_agent_never_crashed(workers)
-            workers.terminate("w1")
-            workers.start("w2")
-            await wait_for_owners(pool, settings, {"w2"}, workers=workers)
-            snap = await wait_for_ledger(pool, gen, timeout=30, workers=workers, settle=1.0)
-            assert gen.stats.events_sent == 3
-            assert_exact(snap, gen)
-            await assert_ledger_integrity(pool, 3)
-            assert_agent_never_crashed(workers)
+    async with one_worker(settings, tmp_path, seed=1) as w:
+        storm, key, now_ms = w.storm, w.key, w.now_ms
+        big = storm.padded(now_ms, 1_100_000, storm.meter.event_type)
+        produce_all(settings, [replace(storm.valid(now_ms), key=key),
+                               StormMessage("oversized", key, big, ("oversized",)),
+                               replace(storm.valid(now_ms), key=key)])
+        await asyncio.sleep(3)
+        produce_all(settings, [replace(storm.valid(now_ms), key=key)])
+        await wait_for_ledger(w.pool, w.gen, timeout=30, workers=w.workers)
+        assert_agent_never_crashed(w.workers)
+        w.workers.terminate("w1")
+        w.workers.start("w2")
+        await wait_for_owners(w.pool, settings, {"w2"}, workers=w.workers)
+        snap = await wait_for_ledger(w.pool, w.gen, timeout=30, workers=w.workers, settle=1.0)
+        assert w.gen.stats.events_sent == 3
+        assert_exact(snap, w.gen)
+        await assert_ledger_integrity(w.pool, 3)
+        assert_agent_never_crashed(w.workers)
     sent = read_messages(k.bootstrap_servers, k.usage_topic, 1.0)
     big_offset = next(m.offset for m in sent if m.value is not None and len(m.value) > 1_000_000)
     (dead,) = read_messages(k.bootstrap_servers, k.usage_dlq_topic, 1.0)
@@ -175,29 +195,24 @@ async def test_issue_9_repro_2_300_brackets_is_dead_lettered_as_too_deep_byte_fo
     settings = pipeline_settings(customers=5)
     k = settings.kafka
     deep = b"[" * 300 + b"]" * 300
-    with fleet(settings, tmp_path, "w1") as workers:
-        async with db_pool(settings.database_url) as pool:
-            await wait_for_owners(pool, settings, {"w1"}, workers=workers)
-            gen = LoadGenerator(settings, customer_ids(5), duplicates=0, late=0, invalid=0, seed=2)
-            storm = Storm(gen, seed=2)
-            now_ms = int(time.time() * 1000)
-            key = gen.customers[0].encode()
-            # The deep message, and a deep batch member next to a valid one, between valid events.
-            deep_batch = b"[" + storm._event(now_ms, "not-billed") + b"," + deep + b"]"
-            produce_all(settings, [replace(storm.valid(now_ms), key=key),
-                                   StormMessage("deep", key, deep, ("too_deep",)),
-                                   StormMessage("deep", key, deep_batch, ("too_deep",)),
-                                   replace(storm.valid(now_ms), key=key)])
-            snap = await wait_for_ledger(pool, gen, timeout=30, workers=workers, settle=1.0)
-            assert gen.stats.events_sent == 2
-            assert_exact(snap, gen)
+    async with one_worker(settings, tmp_path, seed=2) as w:
+        storm, key, now_ms = w.storm, w.key, w.now_ms
+        # The deep message, and a deep batch member next to a valid one, between valid events.
+        deep_batch = b"[" + storm.event(now_ms, "not-billed") + b"," + deep + b"]"
+        produce_all(settings, [replace(storm.valid(now_ms), key=key),
+                               StormMessage("deep", key, deep, ("too_deep",)),
+                               StormMessage("deep", key, deep_batch, ("too_deep",)),
+                               replace(storm.valid(now_ms), key=key)])
+        snap = await wait_for_ledger(w.pool, w.gen, timeout=30, workers=w.workers, settle=1.0)
+        assert w.gen.stats.events_sent == 2
+        assert_exact(snap, w.gen)
 
-            async def both_dead_lettered() -> bool:
-                dead = await asyncio.to_thread(read_dlq, k.bootstrap_servers, k.usage_dlq_topic, 0.5)
-                return sum(dead.values()) >= 2
+        async def both_dead_lettered() -> bool:
+            dead = await asyncio.to_thread(read_dlq, k.bootstrap_servers, k.usage_dlq_topic, 0.5)
+            return sum(dead.values()) >= 2
 
-            await wait_until(both_dead_lettered, 20, "two dead letters", workers)
-            assert_agent_never_crashed(workers)
+        await wait_until(both_dead_lettered, 20, "two dead letters", w.workers)
+        assert_agent_never_crashed(w.workers)
     dlq = read_messages(k.bootstrap_servers, k.usage_dlq_topic, 1.0)
     assert sorted((m.headers["meterline.reason"], m.value) for m in dlq) == sorted(
         [(b"too_deep", deep), (b"too_deep", deep_batch)])

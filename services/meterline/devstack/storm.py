@@ -103,13 +103,13 @@ class Storm:
     def oversized(self, now_ms: int) -> StormMessage:
         """A 1-2 MB event: above `max_message_bytes`, rejected whole."""
         size = self.rng.randint(self.max_bytes + 1, 2 * MB)
-        return StormMessage("oversized_1_2mb", self._key(), self._padded(now_ms, size, self.meter.event_type),
+        return StormMessage("oversized_1_2mb", self._key(), self.padded(now_ms, size, self.meter.event_type),
                             ("oversized",))
 
     def large_unknown_type(self, now_ms: int) -> StormMessage:
         """Just under `max_message_bytes`, with a `type` no meter has: a large dead letter."""
         size = self.rng.randint(int(self.max_bytes * 0.95), self.max_bytes)
-        return StormMessage("large_unknown_type", self._key(), self._padded(now_ms, size, "no.such.meter"),
+        return StormMessage("large_unknown_type", self._key(), self.padded(now_ms, size, "no.such.meter"),
                             ("unknown_meter",))
 
     def mixed_batch(self, now_ms: int) -> StormMessage:
@@ -134,7 +134,7 @@ class Storm:
     def deep_member_batch(self, now_ms: int) -> StormMessage:
         """Valid-looking members and one nested too deep: the whole batch is `too_deep`.
         Its valid-looking members are not recorded: they must not be debited."""
-        members = [self._event(now_ms, f"deep-batch-{self._next()}") for _ in range(self.rng.randint(1, 5))]
+        members = [self.event(now_ms, f"deep-batch-{self._next()}") for _ in range(self.rng.randint(1, 5))]
         members.insert(self.rng.randrange(len(members) + 1), self._nested(self.depth + 5))
         return StormMessage("deep_member_batch", self._key(), b"[" + b",".join(members) + b"]", ("too_deep",))
 
@@ -167,7 +167,8 @@ class Storm:
     def _key(self) -> bytes:
         return self.rng.choice(self.gen.customers).encode()
 
-    def _event(self, now_ms: int, event_id: str, **changes: object) -> bytes:
+    def event(self, now_ms: int, event_id: str, **changes: object) -> bytes:
+        """A valid event of the first sum meter, not recorded as expected (None drops a member)."""
         doc: dict[str, object] = {
             "specversion": "1.0", "id": event_id, "source": f"{self.gen.source}-storm",
             "type": self.meter.event_type, "subject": self.rng.choice(self.gen.customers),
@@ -196,20 +197,20 @@ class Storm:
             "too_old": {"time": self.gen._iso(now_ms - self.lateness_ms - 5 * day)},
             "future_timestamp": {"time": self.gen._iso(now_ms + 3_600_000)},
         }
-        return self._event(now_ms, i, **broken[reason]), (reason,)
+        return self.event(now_ms, i, **broken[reason]), (reason,)
 
     def _not_utf8(self, now_ms: int) -> tuple[bytes, tuple[str, ...]]:
-        body = self._event(now_ms, f"storm-{self._next()}")
+        body = self.event(now_ms, f"storm-{self._next()}")
         bad = self.rng.choice([b"\xff\xfe", b"\x80", b"\xc3", b"\xed\xa0\x80"])  # incl. an encoded surrogate
         return body.replace(b'"id":"', b'"id":"' + bad, 1), ("not_utf8",)
 
     def _malformed(self, now_ms: int) -> tuple[bytes, tuple[str, ...]]:
-        body = self._event(now_ms, f"storm-{self._next()}")
+        body = self.event(now_ms, f"storm-{self._next()}")
         return self.rng.choice([body[: self.rng.randint(0, len(body) - 1)], body + b"}", b"{'a': 1}",
                                 b"", b"[1,]", body.replace(b":", b"=", 1)]), ("malformed_json",)
 
     def _non_finite(self, now_ms: int) -> tuple[bytes, tuple[str, ...]]:
-        body = self._event(now_ms, f"storm-{self._next()}")
+        body = self.event(now_ms, f"storm-{self._next()}")
         literal = self.rng.choice([b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e400"])
         return body.replace(b":3}", b":" + literal + b"}", 1), ("malformed_json",)
 
@@ -218,16 +219,17 @@ class Storm:
             + b"}" * (depth // 2)
 
     def _deep_data(self, now_ms: int) -> tuple[bytes, tuple[str, ...]]:
-        body = self._event(now_ms, f"storm-{self._next()}", type="api_request")
+        body = self.event(now_ms, f"storm-{self._next()}", type="api_request")
         return body[:-1] + b',"trace":' + self._nested(self.rng.randint(self.depth, 300)) + b"}", ("too_deep",)
 
     def _duplicate_bad_last(self, now_ms: int) -> tuple[bytes, tuple[str, ...]]:
-        body = self._event(now_ms, f"storm-{self._next()}")  # valid, then its data written again
+        body = self.event(now_ms, f"storm-{self._next()}")  # valid, then its data written again
         return body[:-1] + b',"data":{"' + (self.meter.value_property or "value").encode() + b'":-3}}', (
             "invalid_value",)
 
-    def _padded(self, now_ms: int, size: int, event_type: str) -> bytes:
-        body = self._event(now_ms, f"storm-{self._next()}", type=event_type)
+    def padded(self, now_ms: int, size: int, event_type: str) -> bytes:
+        """An event of `event_type` padded to about `size` bytes, not recorded as expected."""
+        body = self.event(now_ms, f"storm-{self._next()}", type=event_type)
         pad = size - len(body) - len(b',"pad":""')
         return body[:-1] + b',"pad":"' + b"x" * max(pad, 0) + b'"}'
 
