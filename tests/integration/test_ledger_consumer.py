@@ -22,6 +22,8 @@ from meterline.billing.consumer import RunningLedgerConsumer, start
 from meterline.config import Settings
 from meterline.devstack.dev import read_topic
 from meterline.devstack.embedded import EmbeddedKafka
+from meterline.ledger.accounts import USAGE_ACCOUNT, Transfer, grant_account
+from meterline.ledger.book import Entry, open_books, post
 from meterline.storage.grants import sync_config
 from meterline.stripe import objects
 
@@ -356,17 +358,14 @@ async def test_past_due_follows_the_latest_payment_outcome_whatever_the_delivery
 
 
 async def use_credits(pool: asyncpg.Pool, grant_source_ref: str, credits: int) -> None:
-    """Stand-in for the processor's debit of `credits` from one grant."""
+    """Stand-in for the processor's debit of `credits` from one grant: a grant -> usage
+    transfer written through the ledger."""
     async with pool.acquire() as conn, conn.transaction():
         gid, customer = await conn.fetchrow(
-            "UPDATE grants SET remaining = remaining - $2 WHERE source_ref = $1 RETURNING id, customer_id",
-            grant_source_ref, credits)
-        entry = await conn.fetchval(
-            "INSERT INTO ledger_entries (customer_id, kind, amount) VALUES ($1, 'debit', $2) RETURNING id",
-            customer, -credits)
-        await conn.execute("INSERT INTO debit_allocations VALUES ($1, $2, $3)", entry, gid, credits)
-        await conn.execute("UPDATE balances SET balance = balance - $2 WHERE customer_id = $1",
-                           customer, credits)
+            "SELECT id, customer_id FROM grants WHERE source_ref = $1", grant_source_ref)
+        books = await open_books(conn, [customer])
+        used = Transfer(grant_account(gid), USAGE_ACCOUNT, Decimal(credits), "usage")
+        await post(conn, books, [Entry(customer, "debit", "usage", (used,))], "balances", ())
 
 
 async def test_refund_voids_the_remaining_credits_of_that_purchase_only(ledger_env: Start) -> None:

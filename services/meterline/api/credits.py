@@ -39,8 +39,8 @@ from meterline.api.wire import (
     parse_time,
 )
 from meterline.core.credits import decimal_text
+from meterline.ledger import GrantRequest, apply_adjustment, apply_grant_change
 from meterline.metrics import API_MANUAL_CREDITS, LEDGER_GRANTS, THRESHOLD_CROSSINGS
-from meterline.storage.grants import GrantRequest, apply_adjustment, apply_grant_change
 
 FIELDS = {"amount", "reason", "ref", "priority", "effective_at", "expires_at"}
 MAX_KEY_LENGTH = 255
@@ -84,6 +84,12 @@ class ManualCredit:
             self.expires_at.isoformat() if self.expires_at else None,
         ])
         return hashlib.sha256(canonical).hexdigest()
+
+
+def manual_ref(customer: str, key: str) -> str:
+    """The grant's idempotency reference: length-prefixed, so (customer `a`, key `b:c`)
+    and (customer `a:b`, key `c`) never share one (migration 006 rewrote older refs)."""
+    return f"{len(customer)}:{customer}:{key}"
 
 
 class _Raced(Exception):
@@ -171,7 +177,7 @@ async def _apply_once(conn: asyncpg.Connection, ctx: ApiContext, req: ManualCred
         grant_id = None
         if req.amount > 0:
             applied = await apply_grant_change(conn, GrantRequest(
-                req.customer, req.amount, "manual", f"{req.customer}:{req.key}", req.priority,
+                req.customer, req.amount, "manual", manual_ref(req.customer, req.key), req.priority,
                 req.effective_at, req.expires_at, reason=GRANT_REASON), topic, thresholds)
             if applied is None:
                 raise _Raced()

@@ -53,12 +53,8 @@ from meterline.billing.plans import (
 )
 from meterline.config import PlanConfig
 from meterline.core.credits import round_credits
-from meterline.storage.grants import (
-    GrantRequest,
-    apply_grant,
-    plan_grant_request,
-    void_grant_credits,
-)
+from meterline.ledger import GrantRequest, apply_grant, void_grant_credits
+from meterline.storage.grants import plan_grant_request
 
 CLAIM_EVENT = """
 INSERT INTO stripe_events_applied (event_id, type, created, outcome) VALUES ($1, $2, $3, 'pending')

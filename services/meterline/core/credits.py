@@ -14,20 +14,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Context, Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 
 from meterline.core.events import Quantity
+from meterline.core.money import MONEY
 from meterline.core.windows import as_decimal
 
 ZERO = Decimal(0)
 
 
-_EXACT = Context(prec=60)  # room for any sum of capped quantities times any price
-
-
 def round_credits(amount: Decimal, places: int) -> Decimal:
     """Half-even (banker's) rounding to `places` decimals; exact for already-short values."""
-    return amount.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN, context=_EXACT)
+    return amount.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN, context=MONEY)
 
 
 def decimal_text(amount: Decimal) -> str:
@@ -36,7 +34,7 @@ def decimal_text(amount: Decimal) -> str:
 
 
 def debit_for(quantity: Quantity, credits_per_unit: Decimal, places: int) -> Decimal:
-    return round_credits(_EXACT.multiply(as_decimal(quantity), credits_per_unit), places)
+    return round_credits(MONEY.multiply(as_decimal(quantity), credits_per_unit), places)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +117,8 @@ class BalanceChange:
     reason: str
     ledger_entry_ids: tuple[int, ...]
     thresholds: Sequence[int]
+    # the transfers behind it: {"id", "from", "to", "amount", "reason"} (ledger.book)
+    transfers: tuple[dict[str, object], ...] = ()
 
     @property
     def delta(self) -> Decimal:
@@ -139,4 +139,6 @@ class BalanceChange:
             "ledger_entry_ids": list(self.ledger_entry_ids),
             "thresholds_crossed": list(self.crossed()),
             "depleted": depleted(self.balance_before, self.balance_after),
+            "granted": decimal_text(self.granted),
+            "transfers": list(self.transfers),
         }

@@ -353,6 +353,8 @@ def test_balance_change_message_carries_exact_strings_thresholds_and_depletion()
         "ledger_entry_ids": [7, 9],
         "thresholds_crossed": [90, 100],  # 89.5% used before, 100.25% after
         "depleted": True,
+        "granted": "100",
+        "transfers": [],  # the ledger fills them in (tests/integration/test_ledger_transfers.py)
     }
 
 
