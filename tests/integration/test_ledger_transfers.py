@@ -315,6 +315,33 @@ async def test_granted_is_exact_after_a_partial_void_and_expiry_and_a_used_up_gr
     await _assert_invariants(desk)
 
 
+async def _last_crossed(desk: Desk) -> list[int]:
+    payload = await desk.db.fetchval(
+        "SELECT payload FROM outbox WHERE topic = $1 ORDER BY id DESC LIMIT 1", desk.topic)
+    crossed: list[int] = orjson.loads(payload)["thresholds_crossed"]
+    return crossed
+
+
+async def test_thresholds_fire_once_per_crossing_across_expiry_and_credit_back(
+    desk: Desk,
+) -> None:
+    await desk.grant("c", "100", priority=1)
+    await desk.grant("c", "100", priority=10, expires_at=desk.now + timedelta(hours=1))
+    await desk.use("c", "latest", 140)  # 70 % of 200 used
+    assert await _last_crossed(desk) == [50]
+    desk.now += timedelta(hours=2)
+    await desk.expire()  # 60 unused credits expire: 100 % of the 100 left in force
+    assert await _last_crossed(desk) == [75, 90, 100]  # 50 fired already: not again
+    # 10 back: they paid from the expired grant, so they expire too; the balance did not
+    # recover, so using them again fires nothing a second time
+    await desk.use("c", "latest", 130, at_ms=1)
+    assert (await desk.balance("c"))["balance"] == 0
+    await desk.use("c", "latest", 140, at_ms=2)
+    assert await _last_crossed(desk) == []
+    assert (await desk.balance("c"))["balance"] == -10
+    await _assert_invariants(desk)
+
+
 # transfers on the balance-change topic ------------------------------------------------------
 
 

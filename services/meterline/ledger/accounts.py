@@ -87,6 +87,8 @@ class CustomerBook:
     grants: dict[int, Grant]
     receivable: Decimal  # debt: minus the receivable account's balance
     closed: set[int] = field(default_factory=set)  # expired grants (accounts closed)
+    # thresholds fired and not re-armed (core.credits.threshold_fires); None: not known yet
+    fired: frozenset[int] | None = None
 
     def _move(self, t: Transfer) -> Transfer:
         for account, sign in ((t.source, -1), (t.target, 1)):

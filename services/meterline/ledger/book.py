@@ -16,7 +16,7 @@ from decimal import Decimal
 import asyncpg
 import orjson
 
-from meterline.core.credits import BalanceChange, Grant, decimal_text
+from meterline.core.credits import BalanceChange, Grant, decimal_text, threshold_fires
 from meterline.core.money import MONEY
 from meterline.ledger.accounts import (
     ZERO,
@@ -34,7 +34,7 @@ INSERT INTO balances (customer_id) SELECT unnest($1::text[]) ORDER BY 1 ON CONFL
 """
 
 LOCK_BALANCES = """
-SELECT customer_id, receivable FROM balances
+SELECT customer_id, receivable, thresholds_fired FROM balances
 WHERE customer_id = ANY($1::text[]) ORDER BY customer_id FOR UPDATE
 """
 
@@ -99,6 +99,12 @@ INSERT_OUTBOX = """
 INSERT INTO outbox (topic, key, payload) SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
 """
 
+# The thresholds fired and not re-armed (core.credits.threshold_fires), "50,75" per customer.
+SET_FIRED = """
+UPDATE balances b SET thresholds_fired = string_to_array(nullif(u.fired, ''), ',')::int[]
+FROM unnest($1::text[], $2::text[]) AS u (customer_id, fired) WHERE b.customer_id = u.customer_id
+"""
+
 CLOSE_GRANTS = "UPDATE grants SET expired_at = $2 WHERE id = ANY($1::bigint[])"
 
 # The transfers into `usage` that paid for a window's aggregates, minus their reversals.
@@ -152,7 +158,10 @@ async def open_books(conn: asyncpg.Connection, customers: Iterable[str],
     ordered = sorted(set(customers))
     await conn.execute(ENSURE_BALANCES, ordered)
     rows = await conn.fetch(LOCK_BALANCES, ordered)
-    books = {r["customer_id"]: CustomerBook(r["customer_id"], {}, r["receivable"]) for r in rows}
+    books = {r["customer_id"]: CustomerBook(
+        r["customer_id"], {}, r["receivable"],
+        fired=None if r["thresholds_fired"] is None else frozenset(r["thresholds_fired"]))
+        for r in rows}
     for r in await conn.fetch(LOCK_GRANTS, ordered, list(grants)):
         book = books[r["customer_id"]]
         book.grants[r["id"]] = Grant(r["id"], r["remaining"], r["priority"], r["effective_at"],
@@ -218,14 +227,25 @@ async def post(
     books.posted.extend(entry_ids)
 
     changes = []
+    rearmed: dict[str, frozenset[int]] = {}
     for customer in customers:
         r = after[customer]
         posted = by_customer[customer]
+        before = MONEY.subtract(r["balance"], r["held"])
+        book = books[customer]
+        fires, fired = threshold_fires(book.fired, before, r["balance"],
+                                       MONEY.subtract(r["granted"], granted[customer]),
+                                       r["granted"], thresholds)
+        if fired != book.fired:
+            book.fired = rearmed[customer] = fired
         changes.append(BalanceChange(
-            customer, MONEY.subtract(r["balance"], r["held"]), r["balance"], r["granted"],
+            customer, before, r["balance"], r["granted"],
             posted[-1][1].reason, tuple(entry_id for entry_id, _, _ in posted), thresholds,
             tuple(transfer_message(tid, t) for _, e, tids in posted
-                  for tid, t in zip(tids, e.transfers, strict=True))))
+                  for tid, t in zip(tids, e.transfers, strict=True)), fires))
+    if rearmed:
+        await conn.execute(SET_FIRED, list(rearmed),
+                           [",".join(map(str, sorted(f))) for f in rearmed.values()])
     await conn.execute(INSERT_OUTBOX, [balance_topic] * len(changes), [c.customer for c in changes],
                        [orjson.dumps(c.to_message()) for c in changes])
     return changes

@@ -15,6 +15,10 @@
 -- not yet expired: the base of the threshold percentages).
 
 ALTER TABLE balances ADD COLUMN receivable numeric NOT NULL DEFAULT 0;
+-- Usage thresholds fired and not re-armed since (the once-per-crossing rule,
+-- core.credits.threshold_fires). NULL: not known (migrated books): taken as the
+-- thresholds the balance had reached before its next change.
+ALTER TABLE balances ADD COLUMN thresholds_fired integer[];
 -- Set once, when expiry closes the grant's account; a closed grant takes no transfer in.
 ALTER TABLE grants ADD COLUMN expired_at timestamptz;
 
