@@ -304,6 +304,41 @@ async def test_shuffled_subscription_lifecycle_ends_on_the_same_ledger(ledger_en
     await env.assert_ledger_integrity()
 
 
+async def test_plan_allocations_multiply_included_credits_by_seats_on_creation_and_changes(
+    ledger_env: Start,
+) -> None:
+    env = await ledger_env([{"id": "acme", "stripe_customer_id": "cus_acme"}])
+    price = objects.price("price_growth", unit_amount=1000, metadata={"meterline_plan": "growth"},
+                          recurring_interval="month")
+
+    def seats(n: int, quantity: int, at: int) -> Event:
+        obj = objects.subscription("sub_s", customer="cus_acme", price_obj=price, status="active",
+                                   period=(T0, T0 + M), created=T0, item_id="si_s",
+                                   quantity=quantity)
+        return objects.event("customer.subscription.updated", obj, event_id=f"evt_s{n}",
+                             created=at)
+
+    line = objects.invoice_line("il_s", price_obj=price, subscription="sub_s", period=(T0, T0 + M),
+                                quantity=3)
+    inv = objects.invoice("in_s", customer="cus_acme", lines=[line], created=T0,
+                          billing_reason="subscription_create", subscription="sub_s",
+                          payment_intent="pi_s")
+    env.send(seats(1, 3, T0), objects.event("invoice.paid", inv, event_id="evt_s2", created=T0))
+    await env.settled()
+    assert await env.balance("acme") == 600  # 3 seats x 200
+
+    env.send(seats(3, 5, T0 + M // 2))  # two more seats at half the period: 2 x 200 x 1/2
+    await env.settled()
+    assert await env.balance("acme") == 800
+    env.send(seats(4, 4, T0 + 3 * M // 4))  # fewer seats: from the next period on
+    await env.settled()
+    assert await env.balance("acme") == 800
+    period = await env.pool.fetchrow(
+        "SELECT quantity, base_credits, upgrade_credits FROM stripe_plan_periods")
+    assert tuple(period) == (3, 600, 200)
+    await env.assert_ledger_integrity()
+
+
 async def test_calendar_allocator_leaves_stripe_subscribers_alone(ledger_env: Start) -> None:
     from datetime import UTC, datetime
 

@@ -254,7 +254,7 @@ async def test_migration_turns_todays_ledger_rows_into_transfers_that_mean_the_s
     finally:
         await conn.close()
 
-    assert await migrate(fresh_database) == ["006_ledger_transfers.sql"]
+    assert (await migrate(fresh_database))[0] == "006_ledger_transfers.sql"
 
     pool = await asyncpg.create_pool(fresh_database, min_size=1, max_size=2)
     assert pool is not None

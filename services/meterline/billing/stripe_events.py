@@ -172,15 +172,12 @@ def _invoice_paid(event: StripeEvent, cat: Catalog) -> Decision:
                 if sub is None:
                     raise _Invalid(Reason.INVALID_OBJECT, f"line {line.get('id')}: no subscription")
                 start, end = _period(line.get("period"), f"line {line.get('id')} period")
-                allocations.setdefault((sub, start),
-                                       PeriodAllocation(sub, plan, start, end, invoice_id))
+                allocations.setdefault((sub, start), PeriodAllocation(
+                    sub, plan, start, end, invoice_id, _quantity(line, f"line {line.get('id')}")))
             continue
         per_unit = _pack_credits(price_id, price_meta, cat)
         if per_unit is not None and not proration:
-            quantity = line.get("quantity", 1)
-            if not _is_int(quantity) or quantity < 0:
-                raise _Invalid(Reason.INVALID_OBJECT, f"line {line.get('id')}: bad quantity")
-            pack_credits += per_unit * quantity
+            pack_credits += per_unit * _quantity(line, f"line {line.get('id')}")
     if pack_credits > MAX_CREDITS:
         raise _Invalid(Reason.INVALID_CREDITS, "credit packs above 10^15 credits")
     if pack_credits > 0:
@@ -219,7 +216,8 @@ def _subscription(event: StripeEvent, cat: Catalog) -> Decision:
         raise _Invalid(Reason.INVALID_OBJECT, "ended_at must be Unix seconds")
     if ended_at is None and (event.type == "customer.subscription.deleted" or status == "canceled"):
         ended_at = event.created
-    snapshot = SubscriptionSnapshot(sub_id, status, plan, start, end, ended_at)
+    snapshot = SubscriptionSnapshot(sub_id, status, plan, start, end, ended_at,
+                                    _quantity(item, f"item {item.get('id')}"))
     return Apply(event, _customer(sub, _metadata(sub)), (snapshot,))
 
 
@@ -248,6 +246,16 @@ KNOWN_TYPES = frozenset(_HANDLERS)
 
 
 # --- field readers ------------------------------------------------------------------------
+
+
+def _quantity(obj: Mapping[str, Any], where: str) -> int:
+    """A line's or subscription item's quantity (seats, packs): a whole number, default 1."""
+    quantity = obj.get("quantity", 1)
+    if quantity is None:
+        return 1
+    if not _is_int(quantity) or quantity < 0:
+        raise _Invalid(Reason.INVALID_OBJECT, f"{where}: bad quantity")
+    return quantity
 
 
 def _is_int(v: object) -> TypeGuard[int]:

@@ -48,6 +48,7 @@ from meterline.billing.ledger_actions import (
 from meterline.billing.plans import (
     allocation_allowed,
     plan_in_force,
+    seat_credits,
     snapshot_rank,
     upgrade_credits,
 )
@@ -108,8 +109,8 @@ FROM grants g LEFT JOIN ledger_entries e ON e.grant_id = g.id WHERE g.id = $1 GR
 
 INSERT_SNAPSHOT = """
 INSERT INTO stripe_subscription_snapshots
-    (event_id, subscription_id, created, status, plan_key, period_start, period_end)
-VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING
+    (event_id, subscription_id, created, status, plan_key, period_start, period_end, quantity)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING
 """
 SUBSCRIPTION_FOR_UPDATE = """
 SELECT status, snapshot_created, snapshot_event_id, ended_at FROM stripe_subscriptions
@@ -133,8 +134,8 @@ WHERE id = $1 AND plan_source <> 'stripe'
 SUBSCRIPTION_ENDED_AT = "SELECT ended_at FROM stripe_subscriptions WHERE id = $1"
 INSERT_PERIOD = """
 INSERT INTO stripe_plan_periods (subscription_id, period_start, period_end, customer_id, plan_key,
-    invoice_id, base_credits)
-VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (subscription_id, period_start) DO NOTHING
+    invoice_id, base_credits, quantity)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (subscription_id, period_start) DO NOTHING
 RETURNING subscription_id
 """
 PERIOD_FOR_UPDATE = """
@@ -142,7 +143,7 @@ SELECT period_end, customer_id, plan_key, base_credits, upgrade_credits FROM str
 WHERE subscription_id = $1 AND period_start = $2 FOR UPDATE
 """
 PERIOD_CHANGES = """
-SELECT created, plan_key FROM stripe_subscription_snapshots
+SELECT created, plan_key, quantity FROM stripe_subscription_snapshots
 WHERE subscription_id = $1 AND period_start = $2 AND plan_key IS NOT NULL
 """
 SET_UPGRADE_CREDITS = """
@@ -345,7 +346,7 @@ async def _snapshot(
 ) -> None:
     """Record the snapshot; make it the latest state if it ranks highest; top up upgrades."""
     await conn.execute(INSERT_SNAPSHOT, event.id, s.subscription, event.created, s.status,
-                       s.plan_key, s.period_start, s.period_end)
+                       s.plan_key, s.period_start, s.period_end, s.quantity)
     current = await conn.fetchrow(SUBSCRIPTION_FOR_UPDATE, s.subscription)
     mine = snapshot_rank(s.status, event.created, event.id)
     if current is None or mine > snapshot_rank(current["status"], current["snapshot_created"],
@@ -370,16 +371,17 @@ async def _allocate(
         result.note("after_cancellation")
         return
     plan = policy.plans[a.plan_key]
+    base = seat_credits(plan.included_credits, a.quantity)  # 3 seats: 3x the credits
     inserted = await conn.fetchval(INSERT_PERIOD, a.subscription, a.period_start, a.period_end,
-                                   customer, a.plan_key, a.invoice, plan.included_credits)
+                                   customer, a.plan_key, a.invoice, base, a.quantity)
     if inserted is None:
         result.note("period_already_allocated")
-    elif plan.included_credits > 0:
-        req = plan_grant_request(customer, plan, plan.included_credits, _dt(a.period_start),
+    elif base > 0:
+        req = plan_grant_request(customer, plan, base, _dt(a.period_start),
                                  _dt(a.period_end), "stripe_subscription",
                                  f"{a.subscription}:{a.period_start}")
         if await apply_grant(conn, req, policy.balance_topic, policy.thresholds) is not None:
-            result.grants.append(("stripe_subscription", plan.included_credits))
+            result.grants.append(("stripe_subscription", base))
     await _top_up_upgrades(conn, a.subscription, a.period_start, event.id, policy, result)
 
 
@@ -391,7 +393,9 @@ async def _top_up_upgrades(
     period = await conn.fetchrow(PERIOD_FOR_UPDATE, subscription, period_start)
     if period is None:
         return  # not paid (yet): its invoice will top up
-    changes = [(r["created"], policy.plans[r["plan_key"]].included_credits)
+    # a rise in seats is an upgrade like a bigger plan: included credits x quantity
+    changes = [(r["created"], seat_credits(policy.plans[r["plan_key"]].included_credits,
+                                           r["quantity"]))
                for r in await conn.fetch(PERIOD_CHANGES, subscription, period_start)
                if r["plan_key"] in policy.plans]
     target = upgrade_credits(period["base_credits"], period_start, period["period_end"], changes,
