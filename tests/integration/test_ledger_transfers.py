@@ -250,6 +250,19 @@ async def test_migration_turns_todays_ledger_rows_into_transfers_that_mean_the_s
                    (7, 'a', 'grant', 7, 0, NULL, 2, 'manual_grant');
             INSERT INTO debit_allocations VALUES (2, 1, 3);
             INSERT INTO balances (customer_id, balance, granted) VALUES ('c', -2, 10), ('a', 7, 7);
+            -- a config plan whose change mid-period granted a second full allocation (issue 10.6)
+            INSERT INTO plans (key, included_credits, period, carryover, overage)
+            VALUES ('starter', 50, 'month', 'rollover', 'allow'),
+                   ('growth', 200, 'month', 'rollover', 'allow');
+            INSERT INTO grants (id, customer_id, amount, remaining, source, source_ref, effective_at)
+            VALUES (3, 'p', 50, 50, 'plan_allocation', 'p:starter:2026-11-01T00:00:00+00:00',
+                    '2026-11-01T00:00:00Z'),
+                   (4, 'p', 200, 200, 'plan_allocation', 'p:growth:2026-11-01T00:00:00+00:00',
+                    '2026-11-01T00:00:00Z');
+            INSERT INTO ledger_entries (id, customer_id, kind, amount, grant_id, reason)
+            VALUES (8, 'p', 'grant', 50, 3, 'plan_allocation'),
+                   (9, 'p', 'grant', 200, 4, 'plan_allocation');
+            INSERT INTO balances (customer_id, balance, granted) VALUES ('p', 250, 250);
         """)
     finally:
         await conn.close()
@@ -270,6 +283,8 @@ async def test_migration_turns_todays_ledger_rows_into_transfers_that_mean_the_s
             5: "{\"(grant,expired,6)\"}",
             6: "{\"(receivable,issuer,1)\"}",
             7: "{\"(issuer,grant,7)\"}",
+            8: "{\"(issuer,grant,50)\"}",
+            9: "{\"(issuer,grant,200)\"}",
         }
         # every entry's net effect on the customer's balance is unchanged
         assert not await pool.fetch("""
@@ -283,6 +298,11 @@ async def test_migration_turns_todays_ledger_rows_into_transfers_that_mean_the_s
                                 " WHERE customer_id = 'c'")
         assert (c["balance"], c["receivable"], c["granted"]) == (-2, 2, 0)  # grant 1 expired
         assert await pool.fetchval("SELECT source_ref FROM grants WHERE id = 2") == "1:a:b:c"
+        # 008: the period is known, the first allocation its base, the second already granted
+        period = await pool.fetchrow(
+            "SELECT period_end, plan_key, base_credits, upgrade_credits FROM config_plan_periods")
+        assert (period["period_end"].isoformat(), period["plan_key"], period["base_credits"],
+                period["upgrade_credits"]) == ("2026-12-01T00:00:00+00:00", "starter", 50, 200)
         settings = ledger_settings(fresh_database)
         desk = Desk(settings, pool)
         found = await desk.audit()

@@ -7,11 +7,13 @@ one transaction); this module only decides plan periods and config grants.
 from __future__ import annotations
 
 import calendar
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
 
+from meterline.billing.plans import upgrade_credits
 from meterline.config import PlanConfig, Settings
 
 # The ledger's grant and expiry entry points, re-exported for callers that predate it
@@ -26,7 +28,7 @@ from meterline.ledger import (
 )
 
 __all__ = [
-    "GrantRequest", "allocate_plan_periods", "apply_adjustment", "apply_grant",
+    "GrantRequest", "allocate_plan_periods", "periods_to_allocate", "apply_adjustment", "apply_grant",
     "apply_grant_change", "expire_grants", "period_bounds", "plan_grant_request", "sync_config",
     "sync_plans", "void_grant_credits",
 ]
@@ -56,26 +58,107 @@ def plan_grant_request(
                         end if plan.carryover == "reset" else None, reason="plan_allocation")
 
 
+# Each config customer's latest allocated period, its base plan and the plans seen in it.
+LATEST_PERIODS = """
+SELECT c.id, c.plan_key, p.period_start, p.plan_key AS base_plan,
+       ARRAY(SELECT ch.plan_key FROM config_plan_changes ch
+             WHERE ch.customer_id = c.id AND ch.period_start = p.period_start) AS seen
+FROM customers c
+LEFT JOIN LATERAL (SELECT period_start, plan_key FROM config_plan_periods
+                   WHERE customer_id = c.id ORDER BY period_start DESC LIMIT 1) p ON true
+WHERE c.plan_key IS NOT NULL AND c.plan_source = 'config'
+"""
+INSERT_PERIOD = """
+INSERT INTO config_plan_periods (customer_id, period_start, period_end, plan_key, base_credits)
+VALUES ($1, $2, $3, $4, $5) ON CONFLICT (customer_id, period_start) DO NOTHING RETURNING plan_key
+"""
+SEE_PLAN = """
+INSERT INTO config_plan_changes (customer_id, period_start, plan_key, seen_at)
+VALUES ($1, $2, $3, $4) ON CONFLICT (customer_id, period_start, plan_key) DO NOTHING
+"""
+PERIOD_FOR_UPDATE = """
+SELECT period_end, plan_key, base_credits, upgrade_credits FROM config_plan_periods
+WHERE customer_id = $1 AND period_start = $2 FOR UPDATE
+"""
+PERIOD_CHANGES = """
+SELECT extract(epoch FROM seen_at)::bigint AS at, plan_key FROM config_plan_changes
+WHERE customer_id = $1 AND period_start = $2
+"""
+SET_UPGRADE = """
+UPDATE config_plan_periods SET upgrade_credits = $3 WHERE customer_id = $1 AND period_start = $2
+"""
+
+
+def periods_to_allocate(
+    period: str, carryover: str, last_start: datetime | None, now: datetime,
+) -> list[tuple[datetime, datetime]]:
+    """The periods a config customer is owed at `now`: the current one, and for a rollover
+    plan every period missed since the last allocated one (no processor ran then; rollover
+    credits would still be theirs). A reset plan's missed periods expired unused anyway."""
+    current = period_bounds(period, now)
+    if carryover != "rollover" or last_start is None or last_start >= current[0]:
+        return [current]
+    out = []
+    start, end = period_bounds(period, last_start)
+    while end <= current[0]:
+        start, end = period_bounds(period, end)
+        out.append((start, end))
+    return out or [current]
+
+
 async def allocate_plan_periods(
     conn: asyncpg.Connection, settings: Settings, now: datetime
 ) -> int:
-    """Grant each customer's plan credits for the current period, once; return grants made."""
+    """Grant each config customer's plan credits for the periods it is owed, once; a plan
+    changed in the config mid-period is prorated exactly like a Stripe upgrade
+    (billing.plans: the highest plan reached so far, integrated over the period, minus the
+    base; a lower plan waits for the next period). Returns the grants made."""
     plans: dict[str, PlanConfig] = {p.key: p for p in settings.plans}
+    made = 0
     # Customers whose plan comes from a Stripe subscription get their periods from Stripe
     # (meterline.billing), not from the calendar.
-    rows = await conn.fetch(
-        "SELECT id, plan_key FROM customers WHERE plan_key IS NOT NULL AND plan_source = 'config'")
-    made = 0
-    for r in rows:
+    for r in await conn.fetch(LATEST_PERIODS):
         plan = plans.get(r["plan_key"])
-        if plan is None or plan.included_credits <= 0:
+        if plan is None:
             continue
-        start, end = period_bounds(plan.period, now)
-        req = plan_grant_request(r["id"], plan, plan.included_credits, start, end,
-                                 "plan_allocation", f"{r['id']}:{plan.key}:{start.isoformat()}")
-        if await apply_grant(conn, req, settings.kafka.balance_changes_topic,
-                             settings.processor.thresholds_percent) is not None:
-            made += 1
+        periods = periods_to_allocate(plan.period, plan.carryover, r["period_start"], now)
+        if len(periods) == 1 and periods[0][0] == r["period_start"] and plan.key in r["seen"]:
+            continue  # the current period is allocated and this plan already counted: no-op
+        for start, end in periods:
+            made += await _allocate_period(conn, settings, r["id"], plan, plans, start, end, now)
+    return made
+
+
+async def _allocate_period(
+    conn: asyncpg.Connection, settings: Settings, customer: str, plan: PlanConfig,
+    plans: dict[str, PlanConfig], start: datetime, end: datetime, now: datetime,
+) -> int:
+    topic, thresholds = settings.kafka.balance_changes_topic, settings.processor.thresholds_percent
+    made = 0
+    async with conn.transaction():
+        if await conn.fetchval(INSERT_PERIOD, customer, start, end, plan.key,
+                               plan.included_credits) is not None and plan.included_credits > 0:
+            req = plan_grant_request(customer, plan, plan.included_credits, start, end,
+                                     "plan_allocation", f"{customer}:{plan.key}:{start.isoformat()}")
+            made += await apply_grant(conn, req, topic, thresholds) is not None
+        await conn.execute(SEE_PLAN, customer, start, plan.key, max(now, start))
+        period = await conn.fetchrow(PERIOD_FOR_UPDATE, customer, start)
+        changes = [(r["at"], plans[r["plan_key"]].included_credits)
+                   for r in await conn.fetch(PERIOD_CHANGES, customer, start)
+                   if r["plan_key"] in plans]
+        target = upgrade_credits(period["base_credits"], int(start.timestamp()),
+                                 int(period["period_end"].timestamp()), changes,
+                                 settings.processor.credit_decimal_places)
+        owed = target - period["upgrade_credits"]
+        base_plan = plans.get(period["plan_key"], plan)
+        if owed > 0:
+            # the period's own plan terms (priority, reset/rollover), as on the Stripe path
+            req = replace(plan_grant_request(customer, base_plan, owed, start, period["period_end"],
+                                             "plan_allocation",
+                                             f"{customer}:{start.isoformat()}:upgrade:{target}"),
+                          reason="plan_upgrade")
+            made += await apply_grant(conn, req, topic, thresholds) is not None
+            await conn.execute(SET_UPGRADE, customer, start, target)
     return made
 
 
