@@ -65,7 +65,8 @@ class Desk:
         async with self.db.acquire() as conn:
             gid = await apply_grant(conn, GrantRequest(
                 customer, Decimal(amount), "test", ref or uuid.uuid4().hex, priority,
-                effective_at or T0 - timedelta(days=1), expires_at), self.topic, self.thresholds)
+                effective_at or T0 - timedelta(days=1), expires_at), self.topic, self.thresholds,
+                self.now)
         assert gid is not None
         return gid
 

@@ -1,7 +1,7 @@
 """Random sequences of money changes through the real code and a real Postgres; the ledger's
 invariants (meterline/ledger/__init__.py) are checked against the database after every step.
 
-Steps: grants (priorities, expiries), usage of all four aggregations into a few windows
+Steps: grants (priorities, expiries, some taking effect later), usage of all four aggregations into a few windows
 (so later steps are late corrections, up and down), clock advances with expiry, voids
 (what refunds, disputes and Stripe voids call), and manual adjustments.
 
@@ -29,8 +29,8 @@ from .ledger_support import Desk, ledger_settings
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = int(os.environ.get("METERLINE_LEDGER_EXAMPLES", "40"))
-STEPS = int(os.environ.get("METERLINE_LEDGER_STEPS", "14"))
+EXAMPLES = int(os.environ.get("METERLINE_LEDGER_EXAMPLES", "100"))
+STEPS = int(os.environ.get("METERLINE_LEDGER_STEPS", "20"))
 
 amounts = st.decimals(min_value=Decimal("0.01"), max_value=Decimal(60), places=2)
 values = st.decimals(min_value=Decimal(0), max_value=Decimal(25), places=3)
@@ -41,6 +41,7 @@ class Grant:
     amount: Decimal
     expires_in_hours: int | None
     priority: int
+    starts_in_hours: int  # 0: at once; later: scheduled, issued by the ledger's clock
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class Adjust:
 
 
 steps = st.one_of(
-    st.builds(Grant, amounts, st.one_of(st.none(), st.integers(1, 3)), st.sampled_from([1, 10])),
+    st.builds(Grant, amounts, st.one_of(st.none(), st.integers(2, 4)), st.sampled_from([1, 10]),
+              st.sampled_from([0, 0, 1])),
     st.builds(Use, st.sampled_from(["sum", "count", "max", "latest"]), st.integers(0, 2), values,
               st.integers(0, 4_999)),
     st.builds(Use, st.sampled_from(["sum", "count", "max", "latest"]), st.integers(0, 2), values,
@@ -92,8 +94,10 @@ async def _run(dsn: str, sequence: list[object]) -> None:
             if isinstance(step, Grant):
                 expires = (None if step.expires_in_hours is None
                            else desk.now + timedelta(hours=step.expires_in_hours))
+                starts = desk.now + timedelta(hours=step.starts_in_hours)
                 grants.append(await desk.grant(customer, step.amount, expires_at=expires,
-                                               priority=step.priority))
+                                               priority=step.priority, effective_at=(
+                                                   starts if step.starts_in_hours else None)))
             elif isinstance(step, Use):
                 await desk.use(customer, step.meter, step.value, step.window, step.at_ms)
             elif isinstance(step, Advance):

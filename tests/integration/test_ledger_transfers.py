@@ -362,6 +362,42 @@ async def test_thresholds_fire_once_per_crossing_across_expiry_and_credit_back(
     await _assert_invariants(desk)
 
 
+# 12 --------------------------------------------------------------------------------------
+
+
+async def test_a_grant_effective_later_raises_no_balance_before_it_takes_effect(
+    desk: Desk,
+) -> None:
+    gid = await desk.grant("c", "100", effective_at=desk.now + timedelta(hours=1))
+    row = await desk.balance("c")
+    assert (row["balance"], row["granted"]) == (0, 0)
+    await desk.use("c", "sum", 30)  # not covered by the scheduled grant: overage
+    assert (await desk.balance("c"))["balance"] == -30
+
+    desk.now += timedelta(minutes=30)
+    await desk.expire()  # the ledger's clock: not yet
+    assert (await desk.balance("c"))["balance"] == -30
+    desk.now += timedelta(hours=1)
+    await desk.expire()  # issued now, and it settles the overage first
+    row = await desk.balance("c")
+    assert (row["balance"], row["granted"], row["receivable"]) == (70, 100, 0)
+    assert await desk.db.fetchval("SELECT remaining FROM grants WHERE id = $1", gid) == 70
+    await _assert_invariants(desk)
+
+
+async def test_late_usage_burns_the_credits_valid_at_its_time_first(desk: Desk) -> None:
+    # an old grant valid at the window's time, and a newer one effective only after it
+    old = await desk.grant("c", "10", priority=10)
+    new = await desk.grant("c", "10", priority=1, effective_at=T0 + timedelta(minutes=1))
+    await desk.use("c", "sum", 4)  # window at T0: only `old` was valid then
+    remaining = dict(await desk.db.fetch("SELECT id, remaining FROM grants"))
+    assert remaining == {old: 6, new: 10}
+    await desk.use("c", "sum", 8, window=1)  # 6 from `old`, then the rest from `new`
+    remaining = dict(await desk.db.fetch("SELECT id, remaining FROM grants"))
+    assert remaining == {old: 0, new: 8}
+    await _assert_invariants(desk)
+
+
 # transfers on the balance-change topic ------------------------------------------------------
 
 

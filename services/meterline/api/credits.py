@@ -1,9 +1,9 @@
 """Manual grants and adjustments: `POST /v1/customers/{id}/grants`.
 
-A positive amount is a grant (`storage.grants.apply_grant_change`, source
+A positive amount is a grant (`meterline.ledger.apply_grant_change`, source
 `manual`, idempotent by (source, source_ref) like every grant); a negative
 amount is an `adjustment` ledger entry that takes credits out of the grants in
-burn-down order (`storage.grants.apply_adjustment`). Either way the ledger
+burn-down order (`meterline.ledger.apply_adjustment`). Either way the ledger
 entry, the balance, the outbox balance-change message and the
 `manual_credit_requests` row commit in one transaction.
 
@@ -178,7 +178,7 @@ async def _apply_once(conn: asyncpg.Connection, ctx: ApiContext, req: ManualCred
         if req.amount > 0:
             applied = await apply_grant_change(conn, GrantRequest(
                 req.customer, req.amount, "manual", manual_ref(req.customer, req.key), req.priority,
-                req.effective_at, req.expires_at, reason=GRANT_REASON), topic, thresholds)
+                req.effective_at, req.expires_at, reason=GRANT_REASON), topic, thresholds, now)
             if applied is None:
                 raise _Raced()
             grant_id, change = applied

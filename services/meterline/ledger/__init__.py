@@ -46,6 +46,8 @@ Rules written down:
   effective, then grant id (core.credits.burn_order);
 - late usage burns first the grants usable at the window's own start that still
   hold credits, then the grants usable now, then the receivable (overage);
+- a grant whose `effective_at` is in the future is on record but issues nothing until
+  it takes effect (`issue_due_grants`, run by the processor's clock with expiry);
 - a grant settles the receivable first (grant -> receivable), so an expiry can
   only write off what the grant still holds, never the part that paid a debt;
 - a window's debit is round(final value × rate) − what the window was already
@@ -63,6 +65,7 @@ from meterline.ledger.changes import (
     apply_grant,
     apply_grant_change,
     expire_grants,
+    issue_due_grants,
     void_grant_credits,
 )
 
@@ -72,5 +75,6 @@ __all__ = [
     "apply_grant",
     "apply_grant_change",
     "expire_grants",
+    "issue_due_grants",
     "void_grant_credits",
 ]

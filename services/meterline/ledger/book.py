@@ -193,7 +193,10 @@ async def post(
     """Write `entries` (and their transfers) and publish one balance change per customer.
 
     Must run inside the transaction that opened `books`."""
-    entries = [e for e in entries if e.transfers or e.granted_delta or e.kind == "expiry"]
+    # an entry without transfers still records an event (an expiry of a used-up grant, a
+    # grant scheduled for later); other empty ones (a zero debit) are nothing
+    entries = [e for e in entries
+               if e.transfers or e.granted_delta or e.kind in ("expiry", "grant")]
     if not entries:
         return []
     for e in entries:

@@ -14,16 +14,29 @@ import asyncpg
 
 from meterline.core.credits import BalanceChange, Grant
 from meterline.core.money import MONEY
-from meterline.ledger.accounts import ISSUER_ACCOUNT, ZERO
+from meterline.ledger.accounts import ISSUER_ACCOUNT, ZERO, CustomerBook
 from meterline.ledger.book import Entry, close_grants, open_books, post
 
-# remaining starts at 0: the grant account is credited by its issuing transfer
+# remaining starts at 0: the grant account is credited by its issuing transfer, now or, for
+# a grant taking effect later, when it does (issued_at NULL until then)
 INSERT_GRANT = """
-INSERT INTO grants (customer_id, amount, remaining, priority, effective_at, expires_at, source, source_ref)
-VALUES ($1, $2, 0, $3, $4, $5, $6, $7)
+INSERT INTO grants (customer_id, amount, remaining, priority, effective_at, expires_at, source,
+                    source_ref, issued_at)
+VALUES ($1, $2, 0, $3, $4::timestamptz, $5, $6, $7,
+        CASE WHEN $4::timestamptz <= $8::timestamptz THEN $8::timestamptz END)
 ON CONFLICT (source, source_ref) DO NOTHING
-RETURNING id, effective_at
+RETURNING id, effective_at, issued_at
 """
+
+PENDING_CUSTOMERS = """
+SELECT DISTINCT customer_id FROM grants WHERE issued_at IS NULL AND effective_at <= $1
+"""
+PENDING_GRANTS = """
+SELECT id, customer_id, amount, priority, effective_at, expires_at, source FROM grants
+WHERE customer_id = ANY($1::text[]) AND issued_at IS NULL AND effective_at <= $2
+ORDER BY customer_id, id
+"""
+MARK_ISSUED = "UPDATE grants SET issued_at = $2 WHERE id = ANY($1::bigint[])"
 
 DUE_CUSTOMERS = """
 SELECT DISTINCT customer_id FROM grants WHERE expires_at <= $1 AND expired_at IS NULL
@@ -52,33 +65,62 @@ class GrantRequest:
 
 
 async def apply_grant(
-    conn: asyncpg.Connection, req: GrantRequest, balance_topic: str, thresholds: tuple[int, ...]
+    conn: asyncpg.Connection, req: GrantRequest, balance_topic: str, thresholds: tuple[int, ...],
+    now: datetime | None = None,
 ) -> int | None:
     """Grant credits once per (source, source_ref); return the grant id, or None if already granted."""
-    applied = await apply_grant_change(conn, req, balance_topic, thresholds)
+    applied = await apply_grant_change(conn, req, balance_topic, thresholds, now)
     return None if applied is None else applied[0]
 
 
 async def apply_grant_change(
-    conn: asyncpg.Connection, req: GrantRequest, balance_topic: str, thresholds: tuple[int, ...]
+    conn: asyncpg.Connection, req: GrantRequest, balance_topic: str, thresholds: tuple[int, ...],
+    now: datetime | None = None,
 ) -> tuple[int, BalanceChange] | None:
     """`apply_grant` that also returns the balance change (its ledger entry id, balance after).
+    A grant that takes effect later gets an entry without transfers now (the grant is on
+    record, the balance unchanged) and is issued by `issue_due_grants` when it does.
 
     Transfers: issuer -> grant (the amount), then grant -> receivable for whatever
     overage the customer owes (a debt is settled by the next credits that arrive)."""
+    now = now or datetime.now(UTC)
     async with conn.transaction():
         books = await open_books(conn, [req.customer])
         row = await conn.fetchrow(
-            INSERT_GRANT, req.customer, req.amount, req.priority,
-            req.effective_at or datetime.now(UTC), req.expires_at, req.source, req.source_ref)
+            INSERT_GRANT, req.customer, req.amount, req.priority, req.effective_at or now,
+            req.expires_at, req.source, req.source_ref, now)
         if row is None:
             return None
         grant = Grant(row["id"], ZERO, req.priority, row["effective_at"], req.expires_at)
-        transfers = books[req.customer].issue(grant, req.amount, req.reason)
-        [change] = await post(conn, books, [Entry(
-            req.customer, "grant", req.reason, tuple(transfers), grant_id=grant.id,
-            granted_delta=req.amount)], balance_topic, thresholds)
+        entry = (_issue(books[req.customer], grant, req.amount, req.reason)
+                 if row["issued_at"] is not None
+                 else Entry(req.customer, "grant", "grant_scheduled", (), grant_id=grant.id))
+        [change] = await post(conn, books, [entry], balance_topic, thresholds)
         return grant.id, change
+
+
+def _issue(book: CustomerBook, grant: Grant, amount: Decimal, reason: str) -> Entry:
+    return Entry(book.customer, "grant", reason, tuple(book.issue(grant, amount, reason)),
+                 grant_id=grant.id, granted_delta=amount)
+
+
+async def issue_due_grants(
+    conn: asyncpg.Connection, now: datetime, balance_topic: str, thresholds: tuple[int, ...]
+) -> int:
+    """Issue the grants whose `effective_at` has come (issuer -> grant, settling the
+    receivable first, exactly as a grant effective at once); return how many."""
+    async with conn.transaction():
+        customers = [r["customer_id"] for r in await conn.fetch(PENDING_CUSTOMERS, now)]
+        if not customers:
+            return 0
+        books = await open_books(conn, customers)
+        due = await conn.fetch(PENDING_GRANTS, customers, now)  # under the locks
+        entries = [_issue(books[r["customer_id"]],
+                          Grant(r["id"], ZERO, r["priority"], r["effective_at"], r["expires_at"]),
+                          r["amount"], "grant_effective") for r in due]
+        await conn.execute(MARK_ISSUED, [r["id"] for r in due], now)
+        await post(conn, books, entries, balance_topic, thresholds)
+        return len(due)
 
 
 async def apply_adjustment(
@@ -128,10 +170,12 @@ async def void_grant_credits(
 async def expire_grants(
     conn: asyncpg.Connection, now: datetime, balance_topic: str, thresholds: tuple[int, ...]
 ) -> int:
-    """Close every grant past its expiry: grant -> expired for what it still holds (only
+    """The ledger's clock: first issue the grants that took effect (`issue_due_grants`),
+    then close every grant past its expiry: grant -> expired for what it still holds (only
     that: the part that paid a debt or usage is gone already), and `granted` drops by
     what the grant had put in force (issued minus voided), used up or not. Returns how
     many grants expired. Locks in the ledger's order, so it never deadlocks a flush."""
+    await issue_due_grants(conn, now, balance_topic, thresholds)
     async with conn.transaction():
         customers = [r["customer_id"] for r in await conn.fetch(DUE_CUSTOMERS, now)]
         if not customers:

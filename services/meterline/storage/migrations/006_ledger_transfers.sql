@@ -21,6 +21,11 @@ ALTER TABLE balances ADD COLUMN receivable numeric NOT NULL DEFAULT 0;
 ALTER TABLE balances ADD COLUMN thresholds_fired integer[];
 -- Set once, when expiry closes the grant's account; a closed grant takes no transfer in.
 ALTER TABLE grants ADD COLUMN expired_at timestamptz;
+-- Set when the grant's credits were issued (issuer -> grant): at once, or, for a grant
+-- that takes effect later, when it does (a pending grant raises no balance before).
+ALTER TABLE grants ADD COLUMN issued_at timestamptz;
+UPDATE grants SET issued_at = created_at;
+CREATE INDEX grants_pending ON grants (effective_at) WHERE issued_at IS NULL;
 
 CREATE TABLE transfers (
     id            bigserial PRIMARY KEY,
