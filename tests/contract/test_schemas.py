@@ -317,6 +317,9 @@ def quantities(draw: st.DrawFn) -> int | float | str:
             return whole + ("." + zeros if zeros else "")
         whole = "0" * draw(st.integers(0, 15 - len(whole))) + whole
         fraction = draw(st.text("0123456789", max_size=12))
+        # at most 15 significant digits: the most a Stripe meter event value carries
+        while fraction and len(Decimal(f"{whole}.{fraction}").normalize().as_tuple().digits) > 15:
+            fraction = fraction[:-1]
         return whole + ("." + fraction if fraction else "")
     # A JSON number with at most 15 significant digits and a fraction, below 1e14.
     mantissa = draw(st.integers(1, 10**15 - 1))

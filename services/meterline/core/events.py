@@ -115,6 +115,7 @@ MAX_QUANTITY = Decimal(10) ** 15
 # the producer wrote may not survive, and billing must be exact, so such values
 # must be sent as strings.
 _FLOAT_DIGITS = 15
+_STRIPE_DIGITS = 15
 
 
 def to_quantity(raw: Any) -> Quantity:
@@ -147,6 +148,11 @@ def to_quantity(raw: Any) -> Quantity:
             raise ValueError("not a number") from exc
         if not value.is_finite():
             raise ValueError("not finite")
+        # Stripe refuses meter event values with more than 15 significant digits
+        # (API 2026-04-22): refused here, with the reason, rather than rounded silently
+        if len(value.normalize().as_tuple().digits) > _STRIPE_DIGITS:
+            raise ValueError(f"more than {_STRIPE_DIGITS} significant digits (Stripe meter"
+                             " events carry at most 15): round it, or report in a larger unit")
     else:
         raise ValueError(f"{type(raw).__name__} is not a number")
     if value < 0:
