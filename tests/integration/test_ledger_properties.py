@@ -5,9 +5,10 @@ Steps: grants (priorities, expiries, some taking effect later), usage of all fou
 (so later steps are late corrections, up and down), clock advances with expiry, voids
 (what refunds, disputes and Stripe voids call), and manual adjustments.
 
-Derandomized and bounded so it runs in `make test`. A longer run:
+Derandomized and bounded so it runs in `make test`. A longer run (not METERLINE_* names:
+those are read as settings):
 
-    METERLINE_LEDGER_EXAMPLES=2000 METERLINE_LEDGER_STEPS=40 \\
+    LEDGER_PROPERTY_EXAMPLES=2000 LEDGER_PROPERTY_STEPS=40 \\
         .venv/bin/python -m pytest tests/integration/test_ledger_properties.py
 """
 
@@ -29,8 +30,8 @@ from .ledger_support import Desk, ledger_settings
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = int(os.environ.get("METERLINE_LEDGER_EXAMPLES", "100"))
-STEPS = int(os.environ.get("METERLINE_LEDGER_STEPS", "20"))
+EXAMPLES = int(os.environ.get("LEDGER_PROPERTY_EXAMPLES", "100"))
+STEPS = int(os.environ.get("LEDGER_PROPERTY_STEPS", "20"))
 
 amounts = st.decimals(min_value=Decimal("0.01"), max_value=Decimal(60), places=2)
 values = st.decimals(min_value=Decimal(0), max_value=Decimal(25), places=3)
