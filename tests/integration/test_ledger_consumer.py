@@ -440,6 +440,83 @@ async def test_partial_refunds_void_their_share_and_old_snapshots_change_nothing
     await env.assert_ledger_integrity()
 
 
+def plan_and_pack_invoice(n: str, *, shape_2025: bool = False) -> Event:
+    """One invoice paying a growth period (200 credits) and a pack of 100 credits, paid by pi_<n>."""
+    plan = objects.price("price_growth", unit_amount=1000, metadata={"meterline_plan": "growth"},
+                         recurring_interval="month")
+    pack = objects.price(f"price_pack_{n}", unit_amount=1000, metadata={"meterline_credits": "100"})
+    lines = [objects.invoice_line(f"il_{n}_plan", price_obj=plan, subscription=f"sub_{n}",
+                                  period=(T0, T0 + M)),
+             objects.invoice_line(f"il_{n}_pack", price_obj=pack, period=(T0, T0))]
+    inv = objects.invoice(f"in_{n}", customer="cus_acme", lines=lines, created=T0,
+                          billing_reason="subscription_create", subscription=f"sub_{n}",
+                          payment_intent=None if shape_2025 else f"pi_{n}")
+    if shape_2025:  # no invoice.payment_intent: the payment intent is on its payments
+        inv["payments"] = {"object": "list", "data": [{
+            "object": "invoice_payment", "id": f"inpay_{n}",
+            "payment": {"type": "payment_intent", "payment_intent": f"pi_{n}"}}]}
+    return objects.event("invoice.paid", inv, event_id=f"evt_in_{n}", created=T0)
+
+
+@pytest.mark.parametrize("shape_2025", [False, True], ids=["classic", "2025"])
+async def test_full_refund_of_an_invoice_voids_its_plan_allocation_and_its_pack(
+    ledger_env: Start, shape_2025: bool,
+) -> None:
+    env = await ledger_env([{"id": "acme", "stripe_customer_id": "cus_acme"}])
+    env.send(plan_and_pack_invoice("P", shape_2025=shape_2025))
+    await env.settled()
+    assert await env.balance("acme") == 300
+    # a 2025 charge names no invoice: only the payment intent links it
+    env.send(refund("P", "cus_acme", pi="pi_P", amount=2000, refunded=2000, created=T0 + 10))
+    await env.settled()
+
+    assert await env.balance("acme") == 0
+    voided = {r["source"]: r["voided"] for r in await env.pool.fetch(
+        """SELECT g.source, -sum(e.amount) AS voided FROM ledger_entries e
+           JOIN grants g ON g.id = e.grant_id WHERE e.kind = 'void' GROUP BY g.source""")}
+    assert voided == {"stripe_subscription": 200, "stripe_invoice": 100}
+    await env.assert_ledger_integrity()
+
+
+async def test_partial_refund_of_an_invoice_voids_the_same_share_of_each_of_its_grants(
+    ledger_env: Start,
+) -> None:
+    env = await ledger_env([{"id": "acme", "stripe_customer_id": "cus_acme"}])
+    # the refund first: the allocation and the pack find it when they arrive
+    env.send(refund("Q", "cus_acme", pi="pi_Q", amount=2000, refunded=500, created=T0 + 10))
+    await env.settled()
+    env.send(plan_and_pack_invoice("Q"))
+    await env.settled()
+
+    # a quarter of the charge back: a quarter of each grant (pro rata, not by line)
+    assert await env.balance("acme") == 225
+    remaining = dict(await env.pool.fetch("SELECT source, remaining FROM grants"))
+    assert remaining == {"stripe_subscription": 150, "stripe_invoice": 75}
+    await env.assert_ledger_integrity()
+
+
+async def test_a_lost_dispute_voids_the_disputed_purchase_and_an_open_one_does_not(
+    ledger_env: Start,
+) -> None:
+    env = await ledger_env([{"id": "acme", "stripe_customer_id": "cus_acme"}])
+    env.send(checkout("D", "cus_acme", "1000", pi="pi_D"))
+    await env.settled()
+    await use_credits(env.pool, "cs_D", 300)
+
+    def dispute_event(n: int, type_: str, status: str) -> Event:
+        obj = {"id": "du_D", "object": "dispute", "amount": 5000, "charge": "ch_D",
+               "payment_intent": "pi_D", "status": status, "reason": "fraudulent"}
+        return objects.event(type_, obj, event_id=f"evt_du_{n}", created=T0 + n)
+
+    env.send(dispute_event(1, "charge.dispute.created", "needs_response"))
+    await env.settled()
+    assert await env.balance("acme") == 700
+    env.send(dispute_event(2, "charge.dispute.closed", "lost"))
+    await env.settled()
+    assert await env.balance("acme") == 0  # what was left of the purchase; used credits stay used
+    await env.assert_ledger_integrity()
+
+
 async def test_refund_delivered_before_its_purchase_voids_the_purchase_when_it_arrives(
     ledger_env: Start,
 ) -> None:

@@ -83,6 +83,7 @@ class PeriodAllocation:
     period_end: int
     invoice: str
     quantity: int = 1
+    refs: tuple[str, ...] = ()  # the invoice's ids (invoice, payment intents): refunds find it
 
 
 @dataclass(frozen=True, slots=True)

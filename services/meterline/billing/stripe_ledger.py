@@ -75,11 +75,13 @@ UPDATE customers SET stripe_customer_id = $2, updated_at = now() WHERE id = $1
 """
 
 GRANT_BY_PURCHASE_REF = """
-SELECT grant_id FROM stripe_purchase_refs WHERE ref = ANY($1::text[]) ORDER BY grant_id LIMIT 1
+SELECT grant_id FROM stripe_purchase_refs WHERE ref = ANY($1::text[]) AND kind = 'purchase'
+ORDER BY grant_id LIMIT 1
 """
+# kind: purchase (one grant per ref) | plan_allocation (links refunds of the invoice to it)
 INSERT_PURCHASE_REFS = """
-INSERT INTO stripe_purchase_refs (ref, grant_id) SELECT unnest($1::text[]), $2
-ON CONFLICT (ref) DO NOTHING
+INSERT INTO stripe_purchase_refs (ref, grant_id, kind) SELECT unnest($1::text[]), $2, $3
+ON CONFLICT DO NOTHING
 """
 GRANT_BY_SOURCE = "SELECT id FROM grants WHERE source = $1 AND source_ref = $2"
 
@@ -88,6 +90,8 @@ INSERT INTO stripe_charge_refunds (charge_id, payment_intent, invoice, amount, a
 VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (charge_id) DO UPDATE SET
     amount_refunded = greatest(stripe_charge_refunds.amount_refunded, excluded.amount_refunded),
+    -- a lost dispute may only know the disputed amount; the charge's own amount wins
+    amount = greatest(stripe_charge_refunds.amount, excluded.amount),
     payment_intent = coalesce(stripe_charge_refunds.payment_intent, excluded.payment_intent),
     invoice = coalesce(stripe_charge_refunds.invoice, excluded.invoice),
     updated_at = now()
@@ -298,7 +302,7 @@ async def _purchase(
             result.grants.append((a.source, a.credits))
     else:
         result.note("already_granted")
-    await conn.execute(INSERT_PURCHASE_REFS, list(a.refs), grant_id)
+    await conn.execute(INSERT_PURCHASE_REFS, list(a.refs), grant_id, "purchase")
     await _void_refunded_share(conn, int(grant_id), policy, result)  # a refund seen earlier
 
 
@@ -320,7 +324,13 @@ async def _void_refunded_share(
     conn: asyncpg.Connection, grant_id: int, policy: LedgerPolicy, result: Applied
 ) -> None:
     """Void the grant up to the refunded share of what paid for it (a full refund: all that
-    is left). Credits already used stay used; the voids only ever top up."""
+    is left). Credits already used stay used; the voids only ever top up.
+
+    Partial refunds are pro rata, the same for every grant the invoice paid for (a credit
+    pack and a plan period alike): each loses `amount_refunded / amount` of its credits.
+    Why not by line: a Stripe refund is against the charge, not a line — it does not say
+    which line it gives back — so the charge's refunded share is the only rule that any
+    delivery order of refunds, purchases and allocations ends on the same voids."""
     refs = [r["ref"] for r in await conn.fetch(REFS_OF_GRANT, grant_id)]
     share = await conn.fetchrow(REFUNDED_SHARE, refs)
     if not share["refunded"] or not share["amount"]:
@@ -380,8 +390,12 @@ async def _allocate(
         req = plan_grant_request(customer, plan, base, _dt(a.period_start),
                                  _dt(a.period_end), "stripe_subscription",
                                  f"{a.subscription}:{a.period_start}")
-        if await apply_grant(conn, req, policy.balance_topic, policy.thresholds) is not None:
+        grant_id = await apply_grant(conn, req, policy.balance_topic, policy.thresholds)
+        if grant_id is not None:
             result.grants.append(("stripe_subscription", base))
+            # the invoice's ids name this allocation too: refunding the invoice voids its share
+            await conn.execute(INSERT_PURCHASE_REFS, list(a.refs), grant_id, "plan_allocation")
+            await _void_refunded_share(conn, grant_id, policy, result)  # a refund seen earlier
     await _top_up_upgrades(conn, a.subscription, a.period_start, event.id, policy, result)
 
 
