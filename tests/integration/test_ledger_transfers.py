@@ -24,7 +24,15 @@ from meterline.ledger.accounts import (
 )
 from meterline.storage.db import migrate, migration_files
 
-from .api_support import add_customer, api_settings, flush_events, running_api
+from .api_support import (
+    NOW,
+    add_customer,
+    api_settings,
+    flush_events,
+    flush_usage,
+    grant,
+    running_api,
+)
 from .ledger_support import T0, Desk, ledger_settings
 
 pytestmark = pytest.mark.integration
@@ -396,6 +404,39 @@ async def test_late_usage_burns_the_credits_valid_at_its_time_first(desk: Desk) 
     remaining = dict(await desk.db.fetch("SELECT id, remaining FROM grants"))
     assert remaining == {old: 0, new: 8}
     await _assert_invariants(desk)
+
+
+# transfers in the API's ledger and the dispute CSV ---------------------------------------------
+
+
+async def test_the_api_ledger_and_the_dispute_csv_show_each_debits_transfers(
+    migrated_database: str,
+) -> None:
+    import csv
+    import io
+
+    settings = api_settings(migrated_database)
+    async with running_api(settings) as api:
+        await add_customer(api.db, "f")
+        gid = await grant(api, "f", "1")
+        at = NOW - timedelta(minutes=10)
+        await flush_usage(api, [("f", "api_calls", at, 1500)])  # 1.5 credits: 1 + 0.5 overage
+
+        page = await api.get_json("/v1/customers/f/ledger")
+        [debit] = [e for e in page["entries"] if e["kind"] == "debit"]
+        assert [(t["from"], t["to"], Decimal(t["amount"]), t["reason"])
+                for t in debit["transfers"]] == [
+            (f"grant:{gid}", "usage", 1, "usage"), ("receivable", "usage", Decimal("0.5"), "usage")]
+
+        query = f"from={(at - timedelta(hours=1)).isoformat()}&to={NOW.isoformat()}"
+        async with api.http.get(f"{api.url}/v1/customers/f/export.csv",
+                                params={"from": (at - timedelta(hours=1)).isoformat(),
+                                        "to": NOW.isoformat()}) as r:
+            assert r.status == 200, (query, await r.text())
+            [row] = list(csv.DictReader(io.StringIO((await r.read()).decode(), newline="")))
+        ids = [t["id"] for t in debit["transfers"]]
+        assert row["transfers"] == (f"{ids[0]} grant:{gid} -> usage 1 usage; "
+                                    f"{ids[1]} receivable -> usage 0.500000 usage")
 
 
 # transfers on the balance-change topic ------------------------------------------------------
