@@ -14,28 +14,37 @@ import asyncpg
 
 from meterline.core.credits import debit_for
 
-# 1: grant accounts == Σ their transfers
+# 1: grant accounts == Σ their transfers (one pass over transfers, not one per grant)
 GRANT_DRIFT = """
-SELECT g.id, g.customer_id, g.remaining,
-       coalesce((SELECT sum(amount) FROM transfers WHERE to_grant = g.id), 0)
-     - coalesce((SELECT sum(amount) FROM transfers WHERE from_grant = g.id), 0) AS summed
-FROM grants g
+WITH moved AS (
+    SELECT grant_id, sum(delta) AS summed FROM (
+        SELECT to_grant AS grant_id, amount AS delta FROM transfers WHERE to_grant IS NOT NULL
+        UNION ALL
+        SELECT from_grant, -amount FROM transfers WHERE from_grant IS NOT NULL
+    ) m GROUP BY grant_id
+)
+SELECT g.id, g.customer_id, g.remaining, coalesce(m.summed, 0) AS summed
+FROM grants g LEFT JOIN moved m ON m.grant_id = g.id
 WHERE $1::text IS NULL OR g.customer_id = $1
 """
 
 # 1: receivable == Σ its transfers, balance == Σ grants − receivable, granted == issued − voided
 # of the grants not expired
 CUSTOMER_DRIFT = """
-SELECT b.customer_id, b.balance, b.receivable, b.granted,
-       coalesce((SELECT sum(amount) FROM transfers t
-                 WHERE t.customer_id = b.customer_id AND from_account = 'receivable'), 0)
-     - coalesce((SELECT sum(amount) FROM transfers t
-                 WHERE t.customer_id = b.customer_id AND to_account = 'receivable'), 0) AS debt,
-       coalesce((SELECT sum(remaining) FROM grants g WHERE g.customer_id = b.customer_id), 0)
-           AS held,
-       coalesce((SELECT sum(grant_in_force(g.id)) FROM grants g
-                 WHERE g.customer_id = b.customer_id AND g.expired_at IS NULL), 0) AS in_force
-FROM balances b
+WITH debt AS (
+    SELECT customer_id,
+           sum(CASE WHEN from_account = 'receivable' THEN amount ELSE -amount END) AS debt
+    FROM transfers WHERE 'receivable' IN (from_account, to_account)
+      AND ($1::text IS NULL OR customer_id = $1)
+    GROUP BY customer_id
+), held AS (
+    SELECT customer_id, sum(remaining) AS held,
+           sum(grant_in_force(id)) FILTER (WHERE expired_at IS NULL) AS in_force
+    FROM grants WHERE $1::text IS NULL OR customer_id = $1 GROUP BY customer_id
+)
+SELECT b.customer_id, b.balance, b.receivable, b.granted, coalesce(d.debt, 0) AS debt,
+       coalesce(h.held, 0) AS held, coalesce(h.in_force, 0) AS in_force
+FROM balances b LEFT JOIN debt d USING (customer_id) LEFT JOIN held h USING (customer_id)
 WHERE $1::text IS NULL OR b.customer_id = $1
 """
 

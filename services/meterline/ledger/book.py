@@ -38,10 +38,13 @@ SELECT customer_id, receivable, thresholds_fired FROM balances
 WHERE customer_id = ANY($1::text[]) ORDER BY customer_id FOR UPDATE
 """
 
-# Open grants, plus any named ones (credit-back targets, a grant being voided or expired).
+# Open grants (by the partial index grants_open_by_customer), plus any named ones
+# (credit-back targets, a grant being voided or expired) of the same customers.
 LOCK_GRANTS = """
 SELECT id, customer_id, remaining, priority, effective_at, expires_at, expired_at FROM grants
-WHERE customer_id = ANY($1::text[]) AND (remaining > 0 OR id = ANY($2::bigint[]))
+WHERE id IN (SELECT id FROM grants WHERE customer_id = ANY($1::text[]) AND remaining > 0
+             UNION ALL
+             SELECT id FROM grants WHERE id = ANY($2::bigint[]) AND customer_id = ANY($1::text[]))
 ORDER BY customer_id, id FOR UPDATE
 """
 

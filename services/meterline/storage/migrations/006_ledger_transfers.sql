@@ -48,7 +48,6 @@ CREATE TABLE transfers (
     CHECK ((to_account = 'grant') = (to_grant IS NOT NULL)),
     CHECK (from_account <> to_account OR from_grant <> to_grant)
 );
-CREATE INDEX transfers_customer ON transfers (customer_id, id);
 CREATE INDEX transfers_entry ON transfers (entry_id);
 CREATE INDEX transfers_from_grant ON transfers (from_grant) WHERE from_grant IS NOT NULL;
 CREATE INDEX transfers_to_grant ON transfers (to_grant) WHERE to_grant IS NOT NULL;
