@@ -56,7 +56,12 @@ Rules written down:
   grant that has expired it goes to `expired`;
 - `granted` (the threshold base) is Σ over grants not yet expired of issued −
   voided: +amount at issue, −voided at a void, −(issued − voided) at expiry,
-  whether the grant was used up or not.
+  whether the grant was used up or not;
+- thresholds fire once per crossing (core.credits.threshold_fires): a fired one
+  re-arms only when a change raises the balance and leaves the share consumed below
+  it; the fired set is kept per customer (balances.thresholds_fired) by `book.post`;
+- refunds and lost disputes void the refunded share of every grant the charge paid
+  for, pro rata (billing.stripe_ledger); a void takes only what the grant still holds.
 """
 
 from meterline.ledger.changes import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 
 import asyncpg
@@ -146,7 +146,6 @@ class Books:
     """The customers locked by `open_books` in this transaction: only they can be posted."""
 
     by_customer: dict[str, CustomerBook]
-    posted: list[int] = field(default_factory=list)
 
     def __getitem__(self, customer: str) -> CustomerBook:
         return self.by_customer[customer]
@@ -230,7 +229,6 @@ async def post(
     customers = sorted(granted)
     rows = await conn.fetch(POST, *ecols, *tcols, customers, [granted[c] for c in customers])
     after = {r["customer_id"]: r for r in rows}
-    books.posted.extend(entry_ids)
 
     changes = []
     rearmed: dict[str, frozenset[int]] = {}
