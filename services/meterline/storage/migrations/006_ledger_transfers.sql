@@ -21,6 +21,9 @@ ALTER TABLE balances ADD COLUMN receivable numeric NOT NULL DEFAULT 0;
 ALTER TABLE balances ADD COLUMN thresholds_fired integer[];
 -- Set once, when expiry closes the grant's account; a closed grant takes no transfer in.
 ALTER TABLE grants ADD COLUMN expired_at timestamptz;
+-- what the expiry clock scans each tick
+CREATE INDEX grants_expiring ON grants (expires_at)
+    WHERE expired_at IS NULL AND expires_at IS NOT NULL;
 -- Set when the grant's credits were issued (issuer -> grant): at once, or, for a grant
 -- that takes effect later, when it does (a pending grant raises no balance before).
 ALTER TABLE grants ADD COLUMN issued_at timestamptz;
