@@ -140,7 +140,7 @@ async def _allocate_period(
                                plan.included_credits) is not None and plan.included_credits > 0:
             req = plan_grant_request(customer, plan, plan.included_credits, start, end,
                                      "plan_allocation", f"{customer}:{plan.key}:{start.isoformat()}")
-            made += await apply_grant(conn, req, topic, thresholds) is not None
+            made += await apply_grant(conn, req, topic, thresholds, now) is not None
         await conn.execute(SEE_PLAN, customer, start, plan.key, max(now, start))
         period = await conn.fetchrow(PERIOD_FOR_UPDATE, customer, start)
         changes = [(r["at"], plans[r["plan_key"]].included_credits)
@@ -157,7 +157,7 @@ async def _allocate_period(
                                              "plan_allocation",
                                              f"{customer}:{start.isoformat()}:upgrade:{target}"),
                           reason="plan_upgrade")
-            made += await apply_grant(conn, req, topic, thresholds) is not None
+            made += await apply_grant(conn, req, topic, thresholds, now) is not None
             await conn.execute(SET_UPGRADE, customer, start, target)
     return made
 
