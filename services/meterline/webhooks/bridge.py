@@ -53,7 +53,7 @@ class WebhookBridge:
         self.secrets = secrets
         self.clock = clock
         self.publisher = StripeEventPublisher(
-            settings.kafka.bootstrap_servers,
+            settings.kafka,
             settings.kafka.stripe_events_topic,
             delivery_timeout_s=self.config.delivery_timeout_ms / 1000,
             message_timeout_ms=self.config.message_timeout_ms,
