@@ -49,9 +49,8 @@ log = logging.getLogger(__name__)
 _PERMANENT_DB_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 # The database or the network is unavailable, or a deadlock/serialization failure: retry.
 _TRANSIENT_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-# Start-up and fetches: exception type -> the dependency it says is down.
-_OUTAGES: dict[type[BaseException], str] = {
-    KafkaError: KAFKA, DlqUnavailable: KAFKA, **dict.fromkeys(_TRANSIENT_ERRORS, POSTGRES)}
+# Start-up: the database is unavailable (exception type -> dependency, meterline.health).
+_PG_OUTAGES: dict[type[BaseException], str] = dict.fromkeys(_TRANSIENT_ERRORS, POSTGRES)
 
 
 def catalog_from(settings: Settings) -> Catalog:
@@ -120,7 +119,7 @@ class LedgerConsumer:
                 raise
             return pool
 
-        self.pool = await self.health.retrying(connect, stop, retry_on=_OUTAGES, loop="start")
+        self.pool = await self.health.retrying(connect, stop, retry_on=_PG_OUTAGES, loop="consume")
         if self.pool is None:
             return
         session_ms = s.kafka.session_timeout_ms
@@ -137,7 +136,7 @@ class LedgerConsumer:
         )
         self.dlq = DlqWriter(s.kafka, s.kafka.stripe_events_dlq_topic, self.topic,
                              health=self.health)
-        await self.health.retrying(self.kafka.start, stop, retry_on=_OUTAGES, loop="start",
+        await self.health.retrying(self.kafka.start, stop, retry_on={KafkaError: KAFKA}, loop="consume",
                                    base_s=1.0)
 
     async def close(self) -> None:

