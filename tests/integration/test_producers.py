@@ -37,6 +37,14 @@ def _kafka(bootstrap: str, **changes: object) -> KafkaConfig:
                        **{"producer_message_timeout_ms": TIMEOUT_MS, **changes})
 
 
+def _freezable_topic(bootstrap: str, kafka: EmbeddedKafka | None, name: str) -> EmbeddedKafka:
+    """Create topic `name`; the broker, which the test will freeze (skip when external)."""
+    if kafka is None:
+        pytest.skip("needs the embedded broker to freeze it")
+    create_topics(bootstrap, {name: 1})
+    return kafka
+
+
 def _freeze_until_expired(kafka: EmbeddedKafka, send: Callable[[], None],
                           wait: Callable[[float], object]) -> None:
     kafka.freeze()
@@ -52,10 +60,8 @@ def test_a_plain_idempotent_producer_stays_fenced_after_its_messages_time_out(
 ) -> None:
     """The broker behaviour the healing exists for (if this stops failing deliveries, the
     replacement is merely harmless)."""
-    if embedded_kafka is None:
-        pytest.skip("needs the embedded broker to freeze it")
     topic = f"{unique_topic_prefix}plain"
-    create_topics(kafka_bootstrap, {topic: 1})
+    embedded_kafka = _freezable_topic(kafka_bootstrap, embedded_kafka, topic)
     errors: list[KafkaError | None] = []
     p = Producer(producer_config(_kafka(kafka_bootstrap), "plain-test"))
     p.produce(topic, b"before", on_delivery=lambda e, m: errors.append(e))
@@ -72,10 +78,8 @@ def test_a_plain_idempotent_producer_stays_fenced_after_its_messages_time_out(
 def test_a_timed_out_producer_is_replaced_and_the_retry_is_delivered(
     kafka_bootstrap: str, embedded_kafka: EmbeddedKafka | None, unique_topic_prefix: str,
 ) -> None:
-    if embedded_kafka is None:
-        pytest.skip("needs the embedded broker to freeze it")
     topic = f"{unique_topic_prefix}healing"
-    create_topics(kafka_bootstrap, {topic: 1})
+    embedded_kafka = _freezable_topic(kafka_bootstrap, embedded_kafka, topic)
     client = f"test-{unique_topic_prefix}"
     producer = HealingProducer(producer_config(_kafka(kafka_bootstrap), client), client)
     reports: list[tuple[bytes, KafkaError | None]] = []
@@ -103,10 +107,8 @@ async def test_dlq_writer_heals_after_an_outage_past_the_message_timeout(
 ) -> None:
     """The processor's failure of issue 9: DlqUnavailable forever after a freeze with DLQ
     records in flight. Now: unavailable while frozen, delivered after the thaw."""
-    if embedded_kafka is None:
-        pytest.skip("needs the embedded broker to freeze it")
     dlq_topic = f"{unique_topic_prefix}usage.events.dlq"
-    create_topics(kafka_bootstrap, {dlq_topic: 1})
+    embedded_kafka = _freezable_topic(kafka_bootstrap, embedded_kafka, dlq_topic)
     dlq = DlqWriter(_kafka(kafka_bootstrap), dlq_topic, "usage.events")
     rejection = Rejection(Reason.MALFORMED_JSON, "not JSON", 7, b"{{{")
     embedded_kafka.freeze()
@@ -160,10 +162,8 @@ async def test_dlq_writer_raises_dlq_unavailable_when_nothing_can_be_queued(
     kafka_bootstrap: str, embedded_kafka: EmbeddedKafka | None, unique_topic_prefix: str,
 ) -> None:
     """A full local queue (broker frozen) ends in DlqUnavailable, never BufferError."""
-    if embedded_kafka is None:
-        pytest.skip("needs the embedded broker to freeze it")
     dlq_topic = f"{unique_topic_prefix}small.dlq"
-    create_topics(kafka_bootstrap, {dlq_topic: 1})
+    embedded_kafka = _freezable_topic(kafka_bootstrap, embedded_kafka, dlq_topic)
     dlq = DlqWriter(_kafka(kafka_bootstrap, producer_message_timeout_ms=60_000), dlq_topic, "src")
     dlq._producer._producer = Producer({  # noqa: SLF001 - a tiny queue fills at once
         **dlq._producer.config, "queue.buffering.max.messages": 5})  # noqa: SLF001

@@ -36,7 +36,7 @@ from meterline.billing.ledger_actions import Apply, Catalog, Ignore, Reason, Rej
 from meterline.billing.stripe_events import decide, type_label
 from meterline.billing.stripe_ledger import Applied, EventRejected, LedgerPolicy, apply_event
 from meterline.config import Settings
-from meterline.health import KAFKA, POSTGRES, Health
+from meterline.health import KAFKA, POSTGRES, Health, stopped_within
 from meterline.metrics import run_service
 from meterline.processor import dlq
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, Headers
@@ -200,7 +200,7 @@ class LedgerConsumer:
                 metrics.LEDGER_CONSUMER_RETRIES.labels("postgres").inc()
                 self.health.down(POSTGRES, exc)  # logged once per outage, not per retry
                 self.health.beat("consume")
-                if await _stopped_within(stop, backoff):
+                if await stopped_within(stop, backoff):
                     return False
                 backoff = min(backoff * 2, self.settings.ledger_consumer.retry_max_seconds)
                 continue
@@ -265,7 +265,7 @@ class LedgerConsumer:
             except DlqUnavailable:
                 metrics.LEDGER_CONSUMER_RETRIES.labels("dlq").inc()  # DlqWriter reports health
                 self.health.beat("consume")
-                if await _stopped_within(stop, backoff):
+                if await stopped_within(stop, backoff):
                     return False
                 backoff = min(backoff * 2, self.settings.ledger_consumer.retry_max_seconds)
 
@@ -278,14 +278,6 @@ class LedgerConsumer:
             # Lost the partition in a rebalance: its next owner re-reads from the last
             # committed offset, and the claimed event ids make the re-reads harmless.
             log.warning("offset commit for %s failed: %r", tp, exc)
-
-
-async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        return False
-    return True
 
 
 @dataclass

@@ -231,6 +231,8 @@ class StripeSink:
                     last_commit = time.monotonic()
                     try:
                         await self.commit(consumer)
+                    except POSTGRES_ERRORS as exc:  # the floor query: reported, retried in 1 s
+                        self.health.down(POSTGRES, exc)
                     except Exception as exc:  # noqa: BLE001 - a rebalance; next commit covers it
                         log.warning("offset commit failed (%s); retrying", type(exc).__name__)
                         self._committed.clear()

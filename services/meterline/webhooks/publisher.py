@@ -27,6 +27,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 
 from meterline import metrics
 from meterline.config import KafkaConfig
+from meterline.health import Health
 from meterline.kafka.producer import PURGED, Headers, HealingProducer, producer_config
 from meterline.webhooks.intake import StripeEvent
 
@@ -84,6 +85,9 @@ class StripeEventPublisher:
         self.probe_interval_s = probe_interval_s
         self.clock = clock
         self.health = BrokerHealth(stale_after_s=3 * probe_interval_s)
+        # Liveness (/healthz): the probe loop keeps completing rounds (each is bounded by
+        # its metadata timeout), so the bridge's event loop and producer threads are not stuck.
+        self.liveness = Health(CLIENT, stall_after_s=max(60.0, 10 * probe_interval_s))
         self._config = producer_config(
             kafka, CLIENT,
             # Webhooks arrive one by one; 1 ms still batches the concurrent ones.
@@ -174,6 +178,7 @@ class StripeEventPublisher:
             log.log(logging.INFO if ready else logging.WARNING, "broker %s for topic %s",
                     "reachable" if ready else "UNREACHABLE", self.topic)
             self._was_ready = ready
+        self.liveness.beat("probe")
 
     def _probe(self, producer: HealingProducer) -> bool:
         try:
