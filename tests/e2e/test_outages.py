@@ -167,7 +167,15 @@ async def test_every_service_rides_out_postgres_crash_slot_exhaustion_and_broker
                     finally:
                         embedded_kafka.thaw()
                     await asyncio.sleep(3)
-                snap = await wait_for_ledger(pool, gen, timeout=90, workers=services, settle=1.5)
+                snap = await wait_for_ledger(pool, gen, timeout=120, workers=services,
+                                             settle=1.5, stall=60)
+                proc = scrape(ports["processor"])
+                assert snap.events_debited == gen.stats.events_sent, {
+                    k: v for k, v in proc.items() if k.startswith((
+                        "meterline_flush_failures_total", "meterline_last_flush_commit",
+                        "meterline_owned_partitions", "meterline_pending_events",
+                        "meterline_consumer_lag_messages", "meterline_producer_replacements",
+                        "meterline_records_in_total"))}
                 assert_exact(snap, gen)
                 await assert_ledger_integrity(pool, gen.stats.events_sent)
                 want = await ledger_by_meter(pool, settings)

@@ -10,7 +10,8 @@ idempotent producer — a message that timed out: on the embedded Tansu broker s
 producer is fenced for every later delivery (its sequence numbers can no longer be
 trusted), and on Apache Kafka replacing it costs one InitProducerId. The error is noted
 when it is reported (a delivery report or the error callback, i.e. inside `poll`), and the
-producer is swapped at the next safe point (`produce`, `flush`, `heal`): the old one's
+producer is swapped at the next safe point (`produce` or an explicit `heal`, both on the
+thread that produces, so no message can slip into a producer being retired): the old one's
 queue is purged, so every message it held gets a failed delivery report and its owner
 re-queues it on the new producer. Purged in-flight messages may still have reached the
 broker, so a replacement can duplicate a message: every meterline topic is consumed
@@ -191,8 +192,10 @@ class HealingProducer:
         return int(self._producer.poll(timeout_s))
 
     def flush(self, timeout_s: float) -> int:
-        """Wait for every queued message's report; return how many are still queued."""
-        self.heal()
+        """Wait for every queued message's report; return how many are still queued.
+
+        Never replaces the producer (it may run in another thread than `produce`): call
+        `heal()` afterwards, from the producing thread, before re-queuing failures."""
         return int(self._producer.flush(timeout_s))
 
     def list_topics(self, topic: str, timeout_s: float) -> Any:

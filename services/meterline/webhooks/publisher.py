@@ -167,8 +167,9 @@ class StripeEventPublisher:
 
     async def _probe_and_record(self) -> None:
         assert self._producer is not None
-        # An idle bridge still swaps a producer that died, before the next webhook needs it.
-        await asyncio.to_thread(self._producer.heal)
+        # An idle bridge still swaps a producer that died, before the next webhook needs it
+        # (on the loop, where publish() produces: nothing can slip into the retired one).
+        self._producer.heal()
         if await asyncio.to_thread(self._probe, self._producer):
             self.health.succeeded(self.clock())
         else:
