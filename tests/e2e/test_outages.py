@@ -27,7 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
+from confluent_kafka import Producer
 
 from integration.harness import (
     Sender,
@@ -45,6 +47,7 @@ from meterline.devstack.dev import scrape
 from meterline.devstack.embedded import EmbeddedKafka, EmbeddedPostgres
 from meterline.devstack.load import LoadGenerator, customer_ids
 from meterline.storage.db import with_database
+from meterline.stripe import objects
 from meterline.stripe.emulator import serve
 from meterline.stripe.provision import ensure_customers, ensure_meters
 from meterline.stripe.transport import Stripe
@@ -73,6 +76,21 @@ def _probe(port: int, path: str) -> tuple[int, dict[str, object]]:
         return e.code, json.loads(e.read())
     except OSError:
         return 0, {}
+
+
+def _send_purchase(settings: Settings, stripe_customer: str) -> None:
+    """A Stripe checkout of 100 credits on `stripe.events`, as the webhook bridge writes it."""
+    session = objects.checkout_session(
+        "cs_outage", customer=stripe_customer, amount_total=5000, created=1_790_000_000,
+        payment_intent="pi_outage", invoice=None, metadata={"meterline_credits": "100"})
+    event = objects.event("checkout.session.completed", session, event_id="evt_cs_outage",
+                          created=1_790_000_000)
+    producer = Producer({"bootstrap.servers": settings.kafka.bootstrap_servers})
+    producer.produce(settings.kafka.stripe_events_topic, orjson.dumps(event),
+                     stripe_customer.encode(), headers=[
+                         ("stripe-event-type", b"checkout.session.completed"),
+                         ("stripe-event-id", b"evt_cs_outage")])
+    assert producer.flush(10) == 0
 
 
 async def _grab(server_dsn: str, held: list[asyncpg.Connection]) -> None:
@@ -138,12 +156,17 @@ async def test_every_service_rides_out_postgres_crash_slot_exhaustion_and_broker
                 await wait_for_owners(pool, settings, {"w1"}, workers=services)
                 gen = LoadGenerator(settings, customer_ids(CUSTOMERS), duplicates=0.05, late=0,
                                     invalid=0.05, seed=17)
+                buyer = await pool.fetchval(
+                    "SELECT stripe_customer_id FROM customers WHERE id = $1", "cust_00001")
                 with Sender(gen, rate=800):
                     await asyncio.sleep(3)
-                    # 1. Postgres crash
+                    # 1. Postgres crash; a purchase arrives meanwhile (the ledger consumer
+                    #    must keep retrying it, not skip it or exit)
                     embedded_postgres.crash()
                     try:
-                        await asyncio.sleep(OUTAGE_S)
+                        await asyncio.sleep(2)
+                        _send_purchase(settings, buyer)
+                        await asyncio.sleep(OUTAGE_S - 2)
                     finally:
                         embedded_postgres.recover()
                     # 2. every connection slot taken (before the services reconnect)
@@ -192,7 +215,10 @@ async def test_every_service_rides_out_postgres_crash_slot_exhaustion_and_broker
                                  workers=services)
                 services.check_alive()
                 live = {n: _probe(ports[n], "/healthz")[0] for n in ("relay", "sink", "ledger")}
-                seen = {n: scrape(ports[n]) for n in ("relay", "sink", "processor")}
+                seen = {n: scrape(ports[n]) for n in ("relay", "sink", "processor", "ledger")}
+                granted = await pool.fetchval(
+                    "SELECT sum(amount) FROM grants WHERE customer_id = $1"
+                    " AND source = 'stripe_checkout'", "cust_00001")
                 dlq = read_dlq(settings.kafka.bootstrap_servers, settings.kafka.usage_dlq_topic)
     finally:
         for conn in held:
@@ -208,5 +234,10 @@ async def test_every_service_rides_out_postgres_crash_slot_exhaustion_and_broker
     for name in ("relay", "sink"):  # each waited out the database, not exited
         assert seen[name].get(
             "meterline_dependency_retries_total:dependency=postgres", 0) > 0, name
+    # the purchase made during the crash was applied once it came back
+    assert seen["ledger"].get("meterline_dependency_retries_total:dependency=postgres", 0) > 0
+    assert seen["ledger"].get(
+        "meterline_ledger_consumer_events_total:outcome=applied", 0) == 1, seen["ledger"]
+    assert granted == 100
     # the relay's producer timed out in the freeze and was replaced, not retried forever
     assert seen["relay"].get("meterline_producer_replacements_total:client=relay", 0) >= 1

@@ -229,7 +229,7 @@ class Pipeline:
         """Reserve new events' dedupe marks; flush every closed window in one transaction."""
         try:
             await self.reserve(self.windows.buffers())
-        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             metrics.FLUSH_FAILURES.labels("reserve_" + type(exc).__name__).inc()
             log.warning("reserving dedupe marks failed, will retry: %r", exc)
             return None
@@ -263,7 +263,8 @@ class Pipeline:
             self.release(lost)
             self._restore(closable, generations)
             return None
-        except (TimeoutError, DlqUnavailable, asyncpg.PostgresError, OSError) as exc:
+        except (TimeoutError, DlqUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError,
+                OSError) as exc:  # InterfaceError: the connection died mid-transaction
             metrics.FLUSH_FAILURES.labels(type(exc).__name__).inc()
             log.warning("flush failed, will retry: %r", exc)
             self._restore(closable, generations)
