@@ -186,6 +186,10 @@ async def test_every_service_rides_out_postgres_crash_slot_exhaustion_and_broker
                     # 3. broker freeze past the producers' message timeout
                     embedded_kafka.freeze()
                     try:
+                        # an outbox row surely in flight (windows may all be flushed already)
+                        await pool.execute(
+                            "INSERT INTO outbox (topic, key, payload) VALUES ($1, 'probe', $2)",
+                            settings.kafka.balance_changes_topic, b'{"probe": true}')
                         await asyncio.sleep(FREEZE_S)
                     finally:
                         embedded_kafka.thaw()
@@ -216,6 +220,7 @@ async def test_every_service_rides_out_postgres_crash_slot_exhaustion_and_broker
                 services.check_alive()
                 live = {n: _probe(ports[n], "/healthz")[0] for n in ("relay", "sink", "ledger")}
                 seen = {n: scrape(ports[n]) for n in ("relay", "sink", "processor", "ledger")}
+                unsent = await pool.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
                 granted = await pool.fetchval(
                     "SELECT sum(amount) FROM grants WHERE customer_id = $1"
                     " AND source = 'stripe_checkout'", "cust_00001")
@@ -239,5 +244,7 @@ async def test_every_service_rides_out_postgres_crash_slot_exhaustion_and_broker
     assert seen["ledger"].get(
         "meterline_ledger_consumer_events_total:outcome=applied", 0) == 1, seen["ledger"]
     assert granted == 100
-    # the relay's producer timed out in the freeze and was replaced, not retried forever
+    # the relay's producer timed out in the freeze and was replaced, not retried forever;
+    # every outbox row is out
+    assert unsent == 0
     assert seen["relay"].get("meterline_producer_replacements_total:client=relay", 0) >= 1

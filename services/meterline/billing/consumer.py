@@ -40,7 +40,7 @@ from meterline.health import KAFKA, POSTGRES, Health, stopped_within
 from meterline.metrics import run_service
 from meterline.processor import dlq
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, Headers
-from meterline.storage.db import create_pool
+from meterline.storage.db import DATABASE_UNAVAILABLE, create_pool
 from meterline.storage.grants import sync_plans
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 # Postgres refused the data itself: retrying cannot help, so the event is dead-lettered.
 _PERMANENT_DB_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 # The database or the network is unavailable, or a deadlock/serialization failure: retry.
-_TRANSIENT_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_TRANSIENT_ERRORS = DATABASE_UNAVAILABLE
 # Start-up: the database is unavailable (exception type -> dependency, meterline.health).
 _PG_OUTAGES: dict[type[BaseException], str] = dict.fromkeys(_TRANSIENT_ERRORS, POSTGRES)
 

@@ -27,7 +27,7 @@ from meterline.config import KafkaConfig, Settings
 from meterline.health import KAFKA, POSTGRES, Health, stopped_within
 from meterline.kafka.producer import HealingProducer, producer_config
 from meterline.metrics import run_service
-from meterline.storage.db import create_pool
+from meterline.storage.db import DATABASE_UNAVAILABLE, create_pool
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,8 @@ FROM outbox WHERE sent_at IS NULL
 """
 
 
-# The database is unavailable (crashed, restarting, out of connection slots) or the
-# network to it is: the batch rolled back, retry it.
-POSTGRES_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# The database is unavailable: the batch rolled back, retry it.
+POSTGRES_ERRORS = DATABASE_UNAVAILABLE
 
 
 class DeliveryFailed(Exception):

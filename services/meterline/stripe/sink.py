@@ -54,7 +54,7 @@ from meterline import metrics
 from meterline.config import ConfigError, MeterConfig, Settings
 from meterline.health import KAFKA, POSTGRES, Health
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, dead_letter_headers
-from meterline.storage.db import create_pool
+from meterline.storage.db import DATABASE_UNAVAILABLE, create_pool
 from meterline.stripe import reports
 from meterline.stripe.reports import Claimed, Staged
 from meterline.stripe.transport import (
@@ -73,7 +73,7 @@ T = TypeVar("T")
 EMULATOR_KEY = "sk_test_meterline_emulator"
 
 # Retried, never fatal: exception type -> the dependency it says is down.
-POSTGRES_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+POSTGRES_ERRORS = DATABASE_UNAVAILABLE
 PG_OUTAGES: dict[type[BaseException], str] = dict.fromkeys(POSTGRES_ERRORS, POSTGRES)
 KAFKA_OUTAGES: dict[type[BaseException], str] = {DlqUnavailable: KAFKA, AIOKafkaError: KAFKA}
 OUTAGES = {**KAFKA_OUTAGES, **PG_OUTAGES}
