@@ -40,6 +40,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -169,8 +170,9 @@ class StripeSink:
             else:
                 headers = dead_letter_headers(
                     "malformed_aggregate", parsed, rec.topic, rec.partition, rec.offset)
-                await self._until_done("stage", lambda r=rec, h=headers: self._publish(  # type: ignore[misc]
-                    r.key, r.value or b"", h, "malformed_aggregate"), KAFKA_OUTAGES)
+                await self._until_done("stage", partial(
+                    self._publish, rec.key, rec.value or b"", headers, "malformed_aggregate"),
+                    KAFKA_OUTAGES)
                 dead += 1
         if dead:
             await self._until_done("stage", self.dlq.settle, KAFKA_OUTAGES)
