@@ -107,6 +107,38 @@ def test_a_timed_out_producer_is_replaced_and_the_retry_is_delivered(
     assert values.count(b"before") == 1 and values.count(b"lost") >= 1
 
 
+def test_a_fenced_producer_is_replaced_and_the_retry_is_delivered(
+    kafka_bootstrap: str, embedded_kafka: EmbeddedKafka | None, unique_topic_prefix: str,
+) -> None:
+    """The PRODUCER_FENCED path itself: time-outs are ignored here, so the producer is used
+    once more, fenced, and only then replaced."""
+    topic = f"{unique_topic_prefix}fenced"
+    embedded_kafka = _freezable_topic(kafka_bootstrap, embedded_kafka, topic)
+    client = f"fenced-{unique_topic_prefix}"
+    producer = HealingProducer(producer_config(_kafka(kafka_bootstrap), client), client)
+    producer.idempotent = False  # do not replace on the time-out: let the broker fence it
+    reports: list[tuple[bytes, KafkaError | None]] = []
+
+    def report(err: KafkaError | None, msg: Message) -> None:
+        reports.append((msg.value() or b"", err))
+
+    producer.produce(topic, b"before", None, [], report)
+    assert producer.flush(10) == 0
+    _freeze_until_expired(embedded_kafka, lambda: producer.produce(topic, b"lost", None, [], report),
+                          producer.flush, reports)
+    producer.produce(topic, b"after", None, [], report)
+    producer.flush(10)
+    assert producer.replacements == 0
+    err = reports[-1][1]
+    assert err is not None and err.code() == KafkaError.PRODUCER_FENCED
+    before = _replacements(client)
+    producer.produce(topic, b"after", None, [], report)  # the owner's retry
+    assert producer.flush(15) == 0
+    assert reports[-1] == (b"after", None)
+    assert producer.replacements == 1 and _replacements(client) == before + 1
+    assert b"after" in {m.value for m in read_messages(kafka_bootstrap, topic)}
+
+
 async def test_dlq_writer_heals_after_an_outage_past_the_message_timeout(
     kafka_bootstrap: str, embedded_kafka: EmbeddedKafka | None, unique_topic_prefix: str,
 ) -> None:
