@@ -37,6 +37,24 @@ CHECKPOINT_OFFSET = Gauge(
     "meterline_checkpoint_offset", "Next offset committed to Postgres, per partition", ["partition"]
 )
 OWNED_PARTITIONS = Gauge("meterline_owned_partitions", "Usage-topic partitions this worker owns")
+INTAKE_GAPS = Counter(
+    "meterline_intake_gaps_total",
+    "Runs fetched past the next unhandled record (an abandoned run): the partition was sought back",
+)
+INTAKE_INTERNAL_ERRORS = Counter(
+    "meterline_intake_internal_errors_total",
+    "Records whose handling raised unexpectedly, dead-lettered whole as internal_error",
+)
+INTAKE_STALLED = Gauge(
+    "meterline_intake_stalled", "1 while intake waits at a record the DLQ refused, else 0"
+)
+INTAKE_DLQ_REFUSALS = Counter(
+    "meterline_intake_dlq_refusals_total", "Attempts to dead-letter a record that the DLQ refused"
+)
+AGENT_CRASHES = Counter(
+    "meterline_agent_crashes_total",
+    "Runs abandoned because handling them raised, and processor agent restarts",
+)
 
 # --- processor: flush ---------------------------------------------------------
 WINDOWS_FLUSHED = Counter(

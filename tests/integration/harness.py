@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,15 +24,17 @@ from typing import Any, cast
 
 import asyncpg
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from meterline.config import Settings
 from meterline.devstack.dev import Services, Snapshot, compare, read_dlq, read_topic, snapshot
 from meterline.devstack.load import LoadGenerator
 
 __all__ = [
-    "Fleet", "Message", "Sender", "assert_exact", "assert_ledger_integrity", "compare", "db_pool",
-    "fleet", "owners", "read_dlq", "read_messages", "snapshot", "wait_for_ledger", "wait_for_owners",
-    "wait_until", "write_settings",
+    "FakeClock", "Fleet", "Message", "Record", "Sample", "Sender", "assert_exact",
+    "assert_ledger_integrity", "compare", "db_pool", "fleet", "metric_value", "owners", "read_dlq",
+    "read_messages", "scrape", "snapshot", "wait_for_ledger", "wait_for_owners", "wait_until",
+    "write_settings",
 ]
 
 # The subprocess must run on exactly the YAML we write, not on whatever the shell exports.
@@ -70,11 +73,15 @@ class Fleet(Services):
 
     def service(self, name: str, command: str, *args: str) -> subprocess.Popen[bytes]:
         """Start `meterline <command> <args>` as process `name` (its log is `<name>.log`)."""
+        return self.spawn(name, "-m", "meterline.cli", "-c", str(self.config), command, *args)
+
+    def spawn(self, name: str, *python_args: str) -> subprocess.Popen[bytes]:
+        """Start `python <python_args>` as process `name` (its log is `<name>.log`)."""
         if name in self.procs:
             raise RuntimeError(f"{name} is already running")
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
-            [sys.executable, "-m", "meterline.cli", "-c", str(self.config), command, *args],
+            [sys.executable, *python_args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir,
             env=_child_env(),
         )
@@ -306,6 +313,52 @@ class Sender:
             raise AssertionError("the load sender did not stop within 90 s")
         if self._error is not None:
             raise self._error
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def scrape(port: int) -> list[Sample]:
+    """Every sample a meterline process serves on /metrics (`metrics_port`)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return [Sample(s.name, dict(s.labels), s.value)
+            for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def metric_value(samples: list[Sample], name: str, **labels: str) -> float:
+    """Sum of `name`'s samples whose labels include `labels` (0 when there is none)."""
+    return sum(s.value for s in samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
+# --- in-memory records for Pipeline-level tests ------------------------------------------
+
+
+@dataclass(slots=True)
+class Record:
+    """What `Pipeline.ingest` reads of a Kafka record."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class FakeClock:
+    """A pipeline clock the test moves: `clock.now = ...`."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 # --- reading topics ---------------------------------------------------------------------

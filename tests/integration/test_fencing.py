@@ -8,37 +8,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 from prometheus_client import REGISTRY
 
+from meterline import metrics
 from meterline.config import Settings
 from meterline.devstack.load import LoadGenerator, customer_ids
 from meterline.processor.dlq import DlqWriter
 from meterline.processor.pipeline import Pipeline, RecordRun
 from meterline.storage.db import create_pool
 
-from .harness import assert_exact, assert_ledger_integrity, snapshot
+from .harness import FakeClock, Record, assert_exact, assert_ledger_integrity, snapshot
 
 pytestmark = pytest.mark.integration
 
 EVENTS = 300
-
-
-@dataclass(slots=True)
-class Record:
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def fenced_flushes() -> float:
@@ -77,6 +62,7 @@ async def test_zombie_worker_flush_is_rejected_by_fencing(
         assert checkpoint_before == {"next_offset": 0, "epoch": 2, "owner": "worker-B"}
 
         fenced_before = fenced_flushes()
+        metrics.CONSUMER_LAG.labels("0").set(7)  # what the zombie's consumer last saw
         clock_a.now = past_close
         assert await zombie.flush_tick() is None
 
@@ -93,6 +79,8 @@ async def test_zombie_worker_flush_is_rejected_by_fencing(
         # ... counted the rejection, and let the partition go with its buffered events.
         assert fenced_flushes() == fenced_before + 1
         assert 0 not in zombie.epochs
+        # ... and its lag for the partition: a stale value would read as work waiting here.
+        assert REGISTRY.get_sample_value("meterline_consumer_lag_messages", {"partition": "0"}) is None
         assert not zombie.windows.owns(0)
         assert zombie.windows.pending_events == 0
         zombie.ingest(RecordRun(0, zombie.generation(0), records))  # a stale fetch: ignored

@@ -40,6 +40,7 @@ class Reason(StrEnum):
     UNKNOWN_CUSTOMER = "unknown_customer"
     TOO_OLD = "too_old"  # older than the maximum lateness (Stripe's 35 days by default)
     FUTURE_TIMESTAMP = "future_timestamp"
+    INTERNAL_ERROR = "internal_error"  # handling the record raised (a meterline bug): see processor/pipeline.py
 
 
 class UsageEvent(NamedTuple):

@@ -12,6 +12,10 @@ Two changes to Faust's consumer make it fit billing (see DESIGN "measured facts"
    fetched per-partition run of records, whose value is the whole run; the
    agent processes runs. The run's message carries the last offset, so
    Faust's read-offset bookkeeping stays right.
+
+A crash while handling a run must not lose the rest of it: each run carries the
+position it was fetched from, and the pipeline seeks back when a run was
+fetched past its next unhandled record (rules in `pipeline.py`).
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ log = logging.getLogger(__name__)
 
 
 class TaggedRecords(dict):  # type: ignore[type-arg]
-    """Fetched records, plus the seek generation of each partition when they were drained."""
+    """Fetched records, plus per partition the seek generation when they were drained and
+    the position they were fetched from (None when no seek or earlier fetch told it)."""
 
     tags: dict[TP, int]
+    starts: dict[TP, int | None]
 
 
 class CheckpointedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -56,10 +62,18 @@ class CheckpointedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.seek_tags: dict[TP, int] = {}
+        # Where the next drained records of each partition come from: the last seek's
+        # offset, else the offset after the last drained record.
+        self.positions: dict[TP, int] = {}
 
     async def _fetch_records(self, *args: Any, **kwargs: Any) -> Any:
         records = TaggedRecords(await super()._fetch_records(*args, **kwargs))
         records.tags = dict(self.seek_tags)  # no await since the drain: same instant
+        records.starts = {}
+        for tp, recs in records.items():
+            if recs:
+                records.starts[tp] = self.positions.get(tp)
+                self.positions[tp] = recs[-1].offset + 1
         return records
 
     async def seek_tagged(self, seeks: Mapping[TP, tuple[int, int]]) -> None:
@@ -71,6 +85,7 @@ class CheckpointedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         for tp, (offset, generation) in seeks.items():
             consumer.seek(tp, offset)
             self.seek_tags[tp] = generation
+            self.positions[tp] = offset
 
 
 class CheckpointedConsumer(faust_aiokafka.Consumer):
@@ -96,6 +111,11 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
             committed[tp] = resume[tp.partition]
         return committed
 
+    async def seek_back(self, seeks: Mapping[int, tuple[int, int]]) -> None:
+        """The pipeline's `Seek`: usage-topic partition -> (offset, seek generation)."""
+        await self._thread.seek_tagged(
+            {TP(self.usage_topic, p): target for p, target in seeks.items()})
+
     async def _commit(self, offsets: Mapping[TP, int]) -> bool:
         # The usage topic's offsets are committed to Postgres with the debits.
         others = {tp: o for tp, o in offsets.items() if tp.topic != self.usage_topic}
@@ -110,6 +130,7 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
             await self.perform_seek()
             return
         tags: Mapping[TP, int] = getattr(records, "tags", {})
+        starts: Mapping[TP, int | None] = getattr(records, "starts", {})
         for tp, recs in records.items():
             if not recs or (active is not None and tp not in active):
                 continue
@@ -117,7 +138,7 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
                 return
             last = recs[-1]
             self._update_lag(tp, last.offset)
-            run = RecordRun(tp.partition, tags.get(tp, 0), recs)
+            run = RecordRun(tp.partition, tags.get(tp, 0), recs, starts.get(tp))
             yield tp, ConsumerMessage(
                 tp.topic, tp.partition, last.offset, (last.timestamp or 0) / 1000.0,
                 last.timestamp_type, [], None, run,  # type: ignore[arg-type] # the run is the value
@@ -173,12 +194,32 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
     @app.agent(topic, concurrency=1)
     async def process(stream: faust.StreamT) -> None:
         pipeline = await _ready(state)
-        async for run in stream:
-            position: int | None = 0
-            while position is not None:
-                position = pipeline.ingest(run, position)
-                await pipeline.wait_for_room()
-                await asyncio.sleep(0)  # let flushes, reservations and heartbeats run
+        consumer = app.consumer
+        assert isinstance(consumer, CheckpointedConsumer)
+        pipeline.seek = consumer.seek_back
+        if state.get("agent_started"):
+            # Faust restarted a crashed agent: whatever run it was handling is unknown here,
+            # so refetch every owned partition from its next unhandled record.
+            await pipeline.rewind_all()
+        state["agent_started"] = True
+        try:
+            async for run in stream:
+                try:
+                    await pipeline.consume(run)
+                except Exception:  # noqa: BLE001 - one run, not the agent: the next run seeks back
+                    metrics.AGENT_CRASHES.inc()
+                    log.exception("handling a run of partition %d raised; its unhandled records "
+                                  "are fetched again", run.partition)
+                    try:
+                        await pipeline.rewind(run)
+                    except Exception:  # noqa: BLE001 - kept pending; the next run's gap check seeks
+                        log.exception("seeking partition %d back failed", run.partition)
+        except Exception:
+            # Faust restarts a crashed agent; the consumer goes on with its next fetch and
+            # the pipeline's gap check brings the partitions back to their unhandled records.
+            metrics.AGENT_CRASHES.inc()
+            log.exception("the processor agent crashed; Faust restarts it")
+            raise
 
     @app.task
     async def flush_loop() -> None:

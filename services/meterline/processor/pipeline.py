@@ -1,18 +1,48 @@
 """The processor's work, independent of Faust: ingest record runs, flush closed windows.
 
-Faust (see `app.py`) hands `Pipeline.ingest` one `RecordRun` per fetched
+Faust (see `app.py`) hands `Pipeline.consume` one `RecordRun` per fetched
 per-partition run of records, and calls `claim` whenever partitions are
 assigned. Everything here works on whole runs and whole flushes; nothing
 happens per event except parsing and window assignment.
+
+Intake rules (what keeps "nothing lost, nothing stuck"):
+
+- **Gap-proof.** A partition's records are applied in offset order, with no
+  gaps. `windows.next_offset(p)` is the first record not yet handled; it only
+  moves past records that were handled (buffered, dead-lettered or skipped as
+  already handled), so the checkpoint a flush commits never passes an
+  unhandled record. Each run says where the consumer fetched it from
+  (`RecordRun.start`). A run fetched from *above* the next offset means the
+  consumer delivered records that were never applied — an agent crash abandoned
+  them (Faust restarts the agent and the consumer goes on with the next fetch)
+  or a run was lost on the way. The pipeline then bumps the partition's seek
+  generation (every run in flight becomes stale and is dropped) and seeks the
+  consumer back to the next offset before anything else of that partition is
+  applied; `meterline_intake_gaps_total` counts it. Offsets missing *inside* a
+  fetch (transaction markers, compaction) are the log's own and are fine.
+- **Contained failures.** An unexpected exception while validating or
+  dead-lettering one record sends that record (raw bytes) to the DLQ with
+  reason `internal_error` and the exception type in `meterline.exception`,
+  counts it (`meterline_intake_internal_errors_total`), and the partition flows
+  on. One bad record never takes the agent down.
+- **Stall, never skip.** When the DLQ cannot take a record (`DlqWriter` raising),
+  the records before it are applied and intake stops *at* it, retrying with
+  back-off (`meterline_intake_stalled`, `meterline_intake_dlq_refusals_total`,
+  one log line when it starts and one when it ends). The worker's agent
+  handles one run at a time, so all of the worker's partitions wait with it.
+  A record retried after a refusal may reach the DLQ twice (at-least-once,
+  like a crash after a DLQ write); its `meterline.original.*` headers identify
+  the repeat.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -21,9 +51,9 @@ import asyncpg
 
 from meterline import metrics
 from meterline.config import Settings
-from meterline.core.events import EventValidator, Limits, UsageEvent
+from meterline.core.events import EventValidator, Limits, Reason, UsageEvent
 from meterline.core.windows import TIME_BUCKET_MS, Closable, OpenWindows, WindowBuffer
-from meterline.processor.dlq import DlqUnavailable, DlqWriter
+from meterline.processor.dlq import DlqUnavailable, DlqWriter, dead_letter_headers
 from meterline.storage import checkpoints
 from meterline.storage.checkpoints import FencedError
 from meterline.storage.dedupe import purge as purge_dedupe
@@ -34,6 +64,8 @@ from meterline.storage.grants import allocate_plan_periods, expire_grants
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]  # seconds since the epoch; tests pass a fake
+# Seeks the consumer: partition -> (offset, seek generation of the runs fetched from there).
+Seek = Callable[[Mapping[int, tuple[int, int]]], Awaitable[None]]
 
 
 class KafkaRecord(Protocol):
@@ -44,11 +76,24 @@ class KafkaRecord(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RecordRun:
-    """Consecutive records of one partition, as fetched; `generation` tells stale runs apart."""
+    """Consecutive records of one partition, as fetched; `generation` tells stale runs apart.
+
+    `start` is the consumer's position when it fetched the run: the seek offset, or
+    the offset after the previous run it delivered. None: the first record's offset.
+    """
 
     partition: int
     generation: int
     records: Sequence[KafkaRecord]
+    start: int | None = None
+
+
+class Stalled(Exception):
+    """The DLQ refused the record at `position` of the run: intake stops there and retries."""
+
+    def __init__(self, position: int, cause: BaseException) -> None:
+        super().__init__(f"the DLQ refused a record: {cause!r}")
+        self.position = position
 
 
 def policy_from(settings: Settings) -> FlushPolicy:
@@ -71,6 +116,7 @@ class Pipeline:
         dlq: DlqWriter,
         owner: str,
         clock: Clock = time.time,
+        stall_backoff_s: tuple[float, float] = (0.1, 5.0),
     ) -> None:
         p = settings.processor
         self.settings = settings
@@ -87,7 +133,15 @@ class Pipeline:
         self.windows = OpenWindows(p.window_size_ms, p.window_grace_ms)
         self.epochs: dict[int, int] = {}
         self.slots: dict[int, int] = {}
+        # Claim generations: bumped when a partition is claimed or released; window state
+        # taken under one generation is dropped (not restored) once it moved on.
         self.generations: dict[int, int] = {}
+        # Seek generations: bumped by every seek (claim, release, gap); a run fetched before
+        # the latest seek carries an older one and is dropped.
+        self.seek_generations: dict[int, int] = {}
+        self.seek: Seek | None = None  # set by the transport (app.py); tests pass a fake
+        self._seeks: dict[int, tuple[int, int]] = {}  # requested, not yet made
+        self.stall_backoff_s = stall_backoff_s
         self._room = asyncio.Event()
         self._room.set()
 
@@ -101,8 +155,10 @@ class Pipeline:
             self.epochs[c.partition] = c.epoch
             self.slots[c.partition] = c.slot
             self.generations[c.partition] = self.generations.get(c.partition, 0) + 1
+            self._next_seek_generation(c.partition)  # the caller seeks to the checkpoint
             metrics.CHECKPOINT_OFFSET.labels(str(c.partition)).set(c.next_offset)
         metrics.OWNED_PARTITIONS.set(len(self.epochs))
+        metrics.PENDING_EVENTS.set(self.windows.pending_events)
         log.info("claimed partitions %s", {c.partition: c.next_offset for c in claims})
         return {c.partition: c.next_offset for c in claims}
 
@@ -113,12 +169,105 @@ class Pipeline:
             self.epochs.pop(p, None)
             self.slots.pop(p, None)
             self.generations[p] = self.generations.get(p, 0) + 1
+            self._next_seek_generation(p)
+            # Its lag is its next owner's to report: a stale value here would count as
+            # work waiting on this worker (MeterlineProcessorNotCommitting).
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(str(p))
         metrics.OWNED_PARTITIONS.set(len(self.epochs))
+        metrics.PENDING_EVENTS.set(self.windows.pending_events)
 
     def generation(self, partition: int) -> int:
-        return self.generations.get(partition, 0)
+        """The seek generation a run of `partition` must carry to be applied."""
+        return self.seek_generations.get(partition, 0)
+
+    def _next_seek_generation(self, partition: int) -> int:
+        g = self.seek_generations[partition] = self.seek_generations.get(partition, 0) + 1
+        self._seeks.pop(partition, None)  # a newer seek supersedes one still pending
+        return g
+
+    # --- seeking back over a gap ---------------------------------------------------------
+
+    def _seek_back(self, partition: int, offset: int) -> None:
+        """Drop every run in flight for `partition` and ask the consumer to refetch from `offset`."""
+        self._seeks[partition] = (offset, self._next_seek_generation(partition))
+
+    async def rewind(self, run: RecordRun) -> None:
+        """After `run` was abandoned (handling it raised): refetch its unhandled records, if any."""
+        p = run.partition
+        expected = self.windows.next_offset(p)
+        if (run.generation == self.generation(p) and expected is not None and run.records
+                and run.records[-1].offset >= expected):
+            metrics.INTAKE_GAPS.inc()
+            log.warning("partition %d: records from offset %d on were abandoned; seeking back",
+                        p, expected)
+            self._seek_back(p, expected)
+        await self.make_seeks()
+
+    async def rewind_all(self) -> None:
+        """Refetch every owned partition from its next unhandled record (after an agent restart)."""
+        for p in list(self.epochs):
+            expected = self.windows.next_offset(p)
+            if expected is not None:
+                self._seek_back(p, expected)
+        await self.make_seeks()
+
+    async def make_seeks(self) -> None:
+        """Make the seeks requested by gap detection (kept for the next call if seeking fails)."""
+        if not self._seeks or self.seek is None:
+            return
+        seeks, self._seeks = self._seeks, {}
+        try:
+            await self.seek(seeks)
+        except BaseException:
+            for p, (offset, g) in seeks.items():
+                if self.seek_generations.get(p) == g:
+                    self._seeks.setdefault(p, (offset, g))
+            raise
 
     # --- intake ----------------------------------------------------------------------
+
+    async def consume(self, run: RecordRun) -> None:
+        """Apply one run: ingest it in slices, yielding to the event loop between them.
+
+        While the DLQ refuses a record, waits with back-off and retries that record:
+        the partition never moves past it. An exception from anywhere else leaves
+        the run (its handled records stay applied); the next run of the partition
+        then finds the gap and seeks back (see the module docstring).
+        """
+        await self.make_seeks()
+        position: int | None = 0
+        low, high = self.stall_backoff_s
+        delay = low
+        stalled_at: int | None = None
+        try:
+            while position is not None:
+                try:
+                    position = self.ingest(run, position)
+                except Stalled as stall:
+                    position = stall.position
+                    offset = run.records[position].offset
+                    metrics.INTAKE_DLQ_REFUSALS.inc()
+                    if stalled_at != offset:
+                        stalled_at = offset
+                        metrics.INTAKE_STALLED.set(1)
+                        log.error("partition %d: the DLQ refused the record at offset %d (%r); "
+                                  "intake waits at it and retries", run.partition, offset,
+                                  stall.__cause__)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, high)
+                    continue
+                if stalled_at is not None:
+                    log.warning("partition %d: the DLQ took the record at offset %d; intake resumes",
+                                run.partition, stalled_at)
+                    stalled_at, delay = None, low
+                    metrics.INTAKE_STALLED.set(0)
+                await self.wait_for_room()
+                await asyncio.sleep(0)  # let flushes, reservations and heartbeats run
+        finally:
+            if stalled_at is not None:  # the run went stale (re-claimed) while waiting
+                metrics.INTAKE_STALLED.set(0)
+        await self.make_seeks()  # a gap found in this run: refetch now, not at the next run
 
     def ingest(self, run: RecordRun, start: int = 0, max_events: int = 20_000) -> int | None:
         """Validate and window records of one run from index `start`; DLQ the rejections.
@@ -126,43 +275,92 @@ class Pipeline:
         Stops after about `max_events` events (a run of batch envelopes can hold
         a million) and returns the index to continue from, so the caller can
         yield to the event loop — flushes and heartbeats must not starve.
-        Returns None when the run is done. No I/O but DLQ produce.
+        Returns None when the run is done (or stale, or a gap made it seek back).
+        Raises `Stalled` when the DLQ refuses a record; the records before it are
+        applied. No I/O but DLQ produce.
         """
         p = run.partition
         if run.generation != self.generation(p) or not self.windows.owns(p):
             return None  # fetched before a re-claim/seek, or for a partition we lost
         expected = self.windows.next_offset(p)
         assert expected is not None
+        records = run.records
+        if start == 0 and records:
+            fetched_from = records[0].offset if run.start is None else run.start
+            if fetched_from > expected:
+                metrics.INTAKE_GAPS.inc()
+                log.warning("partition %d: a run fetched from offset %d, but %d is the next "
+                            "unhandled record (an abandoned run); seeking back to it",
+                            p, fetched_from, expected)
+                self._seek_back(p, expected)
+                return None
         now_ms = int(self.clock() * 1000)
         parse = self.validator.parse_record
         dlq_write = self.dlq.write
         accepted: list[UsageEvent] = []
-        last = expected - 1
-        records = run.records
+        rejected: list[str] = []
+        handled = expected  # records before it are handled: accepted events in `accepted`
         i = start
-        while i < len(records) and len(accepted) < max_events:
-            rec = records[i]
-            i += 1
-            off = rec.offset
-            if off < expected:
-                continue  # already handled before a seek: never apply twice
-            parsed = parse(rec.value, off, now_ms)
-            if parsed.accepted:
-                accepted.extend(parsed.accepted)
-            if parsed.rejected:
-                dlq_write(p, rec.key, parsed.rejected)
-                for r in parsed.rejected:
-                    metrics.EVENTS_INVALID.labels(r.reason.value).inc()
-            last = off
-        if last >= expected:
-            metrics.RECORDS_IN.inc(last - expected + 1)
-            for meter, n in Counter(e.meter for e in accepted).items():
-                metrics.EVENTS_VALID.labels(meter).inc(n)
-            self.windows.add(p, accepted, last + 1, now_ms)
-            if self.windows.pending_events >= self.settings.processor.max_pending_events:
-                self._room.clear()  # back-pressure: the agent waits for the next flush
-            metrics.PENDING_EVENTS.set(self.windows.pending_events)
+        try:
+            while i < len(records) and len(accepted) < max_events:
+                rec = records[i]
+                off = rec.offset
+                if off < expected:
+                    i += 1
+                    continue  # already handled before a seek: never apply twice
+                # Invariant: `handled` moves past a record only once its events are in
+                # `accepted` and its rejections are queued in the DLQ (or it is dead-lettered
+                # whole as internal_error). The try costs nothing unless something raises.
+                try:
+                    parsed = parse(rec.value, off, now_ms)
+                    if parsed.rejected:
+                        dlq_write(p, rec.key, parsed.rejected)
+                except DlqUnavailable as exc:
+                    raise Stalled(i, exc) from exc
+                except Exception as exc:  # noqa: BLE001 - contained: the record goes to the DLQ
+                    self._dead_letter_internal(p, rec, exc, i)
+                    rejected.append(Reason.INTERNAL_ERROR.value)
+                else:
+                    if parsed.accepted:
+                        accepted.extend(parsed.accepted)
+                    if parsed.rejected:
+                        rejected.extend(r.reason.value for r in parsed.rejected)
+                i += 1
+                handled = off + 1
+        finally:
+            # Also on Stalled or a crash: what was handled stays handled (its DLQ copies are
+            # queued), so a retry or a seek back resumes right after it.
+            if handled > expected:
+                self._apply(p, accepted, rejected, handled - expected, handled, now_ms)
         return i if i < len(records) else None
+
+    def _dead_letter_internal(self, partition: int, rec: KafkaRecord, exc: Exception,
+                              position: int) -> None:
+        """Send `rec` whole (raw bytes) to the DLQ as internal_error; Stalled if it cannot go."""
+        kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        headers = dead_letter_headers(Reason.INTERNAL_ERROR.value, f"{kind}: {exc}",
+                                      self.dlq.source_topic, partition, rec.offset, exception=kind)
+        try:
+            self.dlq.publish(rec.key, rec.value or b"", headers, Reason.INTERNAL_ERROR.value)
+        except Exception as dlq_exc:  # noqa: BLE001 - whatever the cause, the record must not be skipped
+            raise Stalled(position, dlq_exc) from dlq_exc
+        # Counted and logged once the record is in the DLQ, not on every retry of a stall.
+        metrics.INTAKE_INTERNAL_ERRORS.inc()
+        log.error("partition %d offset %d: handling the record raised %s; dead-lettered as %s",
+                  partition, rec.offset, kind, Reason.INTERNAL_ERROR.value, exc_info=exc)
+
+    def _apply(self, partition: int, accepted: list[UsageEvent], rejected: list[str],
+               records: int, next_offset: int, now_ms: int) -> None:
+        """Buffer the accepted events of handled records and advance past them."""
+        metrics.RECORDS_IN.inc(records)
+        for reason, n in Counter(rejected).items():
+            metrics.EVENTS_INVALID.labels(reason).inc(n)
+        for meter, n in Counter(e.meter for e in accepted).items():
+            metrics.EVENTS_VALID.labels(meter).inc(n)
+        self.windows.add(partition, accepted, next_offset, now_ms)
+        if self.windows.pending_events >= self.settings.processor.max_pending_events:
+            self._room.clear()  # back-pressure: the agent waits for the next flush
+        metrics.PENDING_EVENTS.set(self.windows.pending_events)
 
     async def wait_for_room(self) -> None:
         await self._room.wait()
@@ -228,6 +426,14 @@ class Pipeline:
     async def flush_tick(self) -> FlushResult | None:
         """Reserve new events' dedupe marks; flush every closed window in one transaction."""
         try:
+            return await self._flush_tick()
+        finally:
+            # The gauge tells what is pending *now*: after a flush (or a failed one, or
+            # duplicates dropped by the reservation) as after an ingest.
+            metrics.PENDING_EVENTS.set(self.windows.pending_events)
+
+    async def _flush_tick(self) -> FlushResult | None:
+        try:
             await self.reserve(self.windows.buffers())
         except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
             metrics.FLUSH_FAILURES.labels("reserve_" + type(exc).__name__).inc()
@@ -277,7 +483,6 @@ class Pipeline:
     def _restore(self, closable: Closable, generations: dict[int, int]) -> None:
         still = {p for p, g in generations.items() if self.generations.get(p) == g}
         self.windows.restore(_only(closable, still))
-        metrics.PENDING_EVENTS.set(self.windows.pending_events)
 
     def _record(self, r: FlushResult, closable: Closable, started: float, committed: float) -> None:
         metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
