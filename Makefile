@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install run test test-unit lint bench clean
+.PHONY: help install run test test-unit fuzz lint bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -25,6 +25,10 @@ test: $(STAMP) ## the whole suite: unit, integration (real broker + Postgres), e
 
 test-unit: $(STAMP) ## pure tests only (seconds)
 	$(BIN)/python -m pytest -q tests/unit
+
+fuzz: $(STAMP) ## fuzz parse_record longer than `make test` does, random seed (see README)
+	METERLINE_FUZZ_EXAMPLES=$${METERLINE_FUZZ_EXAMPLES:-100000} METERLINE_FUZZ_SEED=$${METERLINE_FUZZ_SEED:-random} \
+		$(BIN)/python -m pytest -q -s tests/unit/core/test_parse_fuzz.py
 
 lint: $(STAMP) ## ruff + mypy
 	$(BIN)/ruff check services tests

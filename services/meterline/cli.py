@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duplicates", type=float, default=0.05, help="fraction re-sent")
     p.add_argument("--late", type=float, default=0.01, help="fraction with old timestamps")
     p.add_argument("--invalid", type=float, default=0.005, help="fraction of bad input")
+    p.add_argument("--storm", type=int, default=0, metavar="N",
+                   help="instead: one storm of N bad inputs of every class among N/5 valid events "
+                        "(prints the DLQ counts by reason it must cause)")
     p.set_defaults(func=_load)
 
     p = add("stripe-emulator", help="local emulator of Stripe's Billing Meter API")

@@ -110,6 +110,9 @@ class ProcessorConfig(_Frozen):
     max_future_skew_ms: int = Field(default=300_000, ge=0)
     max_message_bytes: int = Field(default=1_048_576, ge=1024)
     max_batch_events: int = Field(default=10_000, ge=1)
+    # Deeper JSON goes to the DLQ as too_deep. orjson reads at most 1024 levels (deeper
+    # is too_deep whatever this says); real usage events nest 3 or 4.
+    max_json_depth: int = Field(default=64, ge=2, le=1024)
     # Back-pressure: stop taking records while this many events wait for a flush.
     max_pending_events: int = Field(default=2_000_000, ge=1000)
     require_known_customers: bool = False

@@ -86,7 +86,11 @@ FORMATS = FormatChecker(formats=())
 
 @FORMATS.checks("date-time", raises=ValueError)
 def _is_date_time(instance: object) -> bool:
-    return not isinstance(instance, str) or datetime.fromisoformat(instance.upper()).tzinfo is not None
+    if not isinstance(instance, str):
+        return True
+    # RFC 3339 years start at 0000, datetime's at 0001; the calendar repeats every 400 years
+    text = "0400" + instance[4:] if instance.startswith("0000") else instance
+    return datetime.fromisoformat(text.upper()).tzinfo is not None
 
 
 def _validator(name: str) -> Draft202012Validator:
@@ -127,12 +131,7 @@ SKEW_MS = DEV.processor.max_future_skew_ms
 
 def processor_validator(settings: Settings) -> EventValidator:
     """Built exactly as `processor.pipeline.Pipeline` builds it."""
-    p = settings.processor
-    return EventValidator(
-        settings.meter_for_type(),
-        Limits(p.max_message_bytes, p.max_batch_events,
-               int(p.max_lateness_days * 86_400_000), p.max_future_skew_ms),
-    )
+    return EventValidator(settings.meter_for_type(), Limits.from_config(settings.processor))
 
 
 VALIDATOR = processor_validator(DEV)
@@ -262,9 +261,10 @@ def test_batch_limits_agree_with_the_processor() -> None:
     assert not is_valid(BATCH, too_many)
     parsed = VALIDATOR.parse_record(orjson.dumps(too_many), 0, NOW_MS)
     assert parsed.accepted == [] and [r.reason for r in parsed.rejected] == [Reason.OVERSIZED]
-    # An empty array is silently ignored by the processor; the schema calls it invalid.
-    assert not is_valid(BATCH, [])
-    assert VALIDATOR.parse_record(b"[]", 0, NOW_MS).accepted == []
+    # An empty array is a batch of no events, for both: nothing billed, nothing dead-lettered.
+    assert is_valid(BATCH, [])
+    parsed = VALIDATOR.parse_record(b"[]", 0, NOW_MS)
+    assert parsed.accepted == [] and parsed.rejected == []
 
 
 # --- generated events ----------------------------------------------------------------------
@@ -316,9 +316,14 @@ def quantities(draw: st.DrawFn) -> int | float | str:
         whole = "0" * draw(st.integers(0, 15 - len(whole))) + whole
         fraction = draw(st.text("0123456789", max_size=12))
         return whole + ("." + fraction if fraction else "")
-    # A JSON number with at most 15 significant digits and a fraction, below 1e14.
-    mantissa = draw(st.integers(1, 10**15 - 1))
-    return float(Decimal(mantissa).scaleb(-draw(st.integers(1, 20))))
+    # Any double the schema allows: with a fraction below 1e14 (16-17 significant digits
+    # included), or whole up to 1e15.
+    return draw(st.one_of(
+        st.floats(min_value=0, max_value=1e14, exclude_max=True),
+        st.integers(0, 10**15).map(float),
+        st.builds(lambda m, k: float(Decimal(m).scaleb(-k)), st.integers(1, 10**17), st.integers(1, 20))
+        .filter(lambda f: f < 1e14),
+    ))
 
 
 @st.composite
@@ -691,7 +696,7 @@ def test_outbox_payloads_from_the_real_code_match_their_schemas(
 @settings(max_examples=60, deadline=None)
 @given(
     before=signed_decimals, after=signed_decimals, granted=decimals,
-    reason=st.sampled_from(["usage", "plan_allocation", "config_grant", "grant", "expiry"]),
+    reason=st.sampled_from(SCHEMAS[BALANCE_SCHEMA]["properties"]["reason"]["examples"]),
     entry_ids=st.lists(st.integers(1, 2**63 - 1), unique=True, max_size=5),
     thresholds=st.lists(st.integers(1, 100), unique=True, max_size=6).map(lambda t: tuple(sorted(t))),
 )

@@ -13,13 +13,14 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, NamedTuple
 
 import orjson
 
-from meterline.config import MeterConfig
+from meterline.config import MeterConfig, ProcessorConfig
+from meterline.core.json_text import member_bytes, nests_deeper_than
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -33,6 +34,7 @@ class Reason(StrEnum):
     OVERSIZED = "oversized"
     NOT_UTF8 = "not_utf8"
     MALFORMED_JSON = "malformed_json"
+    TOO_DEEP = "too_deep"  # JSON nested deeper than processor.max_json_depth
     INVALID_ENVELOPE = "invalid_envelope"  # not a CloudEvents 1.0 object, attribute missing/mistyped
     INVALID_TIME = "invalid_time"
     INVALID_VALUE = "invalid_value"  # value missing, not a number, negative, NaN or infinite
@@ -63,7 +65,10 @@ class Rejection:
     reason: Reason
     detail: str
     offset: int
-    payload: bytes  # the offending event (or the whole message when it could not be split)
+    # The offending bytes exactly as they arrived, never re-encoded: the whole message, or
+    # a batch member's own byte span (see `member_spans`). Re-encoding could fail (orjson
+    # writes at most 255 levels, reads 1024) and would change what the producer sent.
+    payload: bytes
     batch_index: int | None = None
 
 
@@ -75,6 +80,13 @@ class Limits:
     max_batch_events: int
     max_lateness_ms: int
     max_future_skew_ms: int
+    max_json_depth: int = 64
+
+    @classmethod
+    def from_config(cls, p: ProcessorConfig) -> Limits:
+        """The processor's limits from its config (one place, for the pipeline and the tests)."""
+        return cls(p.max_message_bytes, p.max_batch_events, int(p.max_lateness_days * 86_400_000),
+                   p.max_future_skew_ms, p.max_json_depth)
 
 
 @dataclass(slots=True)
@@ -85,24 +97,29 @@ class ParsedRecords:
 
 def dedupe_key(source: str, event_id: str) -> bytes:
     """16-byte key for (source, id); NUL-separated so ("a", "bc") != ("ab", "c")."""
-    return hashlib.blake2b(
-        source.encode() + b"\x00" + event_id.encode(), digest_size=16
-    ).digest()
+    return hashlib.blake2b(f"{source}\x00{event_id}".encode(), digest_size=16).digest()
 
 
-# RFC 3339 date-time (section 5.6), the same pattern as schemas/usage-event.schema.json;
-# fromisoformat alone would also take other ISO 8601 forms (week dates, "+0100", ...).
+# RFC 3339 date-time (section 5.6), the same pattern as schemas/usage-event.schema.json
+# (a contract test compares them); fromisoformat alone would also take other ISO 8601
+# forms (week dates, "+0100", ...).
 _RFC3339 = re.compile(
     r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
     r"(\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")
-# A quantity sent as a string: plain decimal digits (no sign, exponent, spaces or "_").
-_DECIMAL_TEXT = re.compile(r"[0-9]+(\.[0-9]+)?")
+# A quantity sent as a string: the pattern of `$defs/quantity` in usage-event.schema.json
+# (plain digits, at most 15 before the point, or exactly 10^15; no sign, exponent or "_").
+_DECIMAL_TEXT = re.compile(r"[0-9]{1,15}(\.[0-9]+)?|1000000000000000(\.0+)?")
+# The Gregorian calendar repeats every 400 years (146,097 days): year 0000, which RFC 3339
+# allows and `datetime` cannot hold, is parsed as year 0400 and moved back one cycle.
+_CYCLE_MS = 146_097 * 86_400_000
 
 
 def parse_time_ms(text: str) -> int:
     """RFC 3339 timestamp with an explicit offset -> epoch milliseconds, exactly."""
     if not _RFC3339.fullmatch(text):
         raise ValueError("not an RFC 3339 date-time with an offset")
+    if text.startswith("0000"):
+        return parse_time_ms("0400" + text[4:]) - _CYCLE_MS
     dt = datetime.fromisoformat(text.upper())  # RFC 3339 allows lower-case "t" and "z"
     if dt.tzinfo is None:
         raise ValueError("timestamp has no UTC offset")
@@ -112,17 +129,19 @@ def parse_time_ms(text: str) -> int:
 # One event's quantity may not exceed this: far above any real usage, and it keeps
 # window sums times prices well inside Decimal's 28 significant digits.
 MAX_QUANTITY = Decimal(10) ** 15
-# JSON numbers arrive as binary floats; beyond 15 significant digits the decimal
-# the producer wrote may not survive, and billing must be exact, so such values
-# must be sent as strings.
-_FLOAT_DIGITS = 15
+# A JSON number with a fraction must be below this: from 10^14 up a double keeps at most
+# one fractional digit, so the producer's decimals would silently change.
+_FRACTION_BELOW = 1e14
 
 
 def to_quantity(raw: Any) -> Quantity:
     """A JSON number or numeric string -> exact int/Decimal; raises ValueError if not valid.
 
-    Floats go through their shortest repr, so `0.1` becomes Decimal("0.1"), not
-    0.1000000000000000055…; a float with more digits than a double keeps is refused.
+    A JSON number is an IEEE double (RFC 8259 section 6): it is taken as the shortest
+    decimal that denotes that double (`repr`), which is what JSON writers emit for a
+    double — so `0.1` is Decimal("0.1"), not 0.1000000000000000055…, and
+    `0.12345678901234566` is billed as written. A literal with more digits than a
+    double keeps reads as its nearest double; such quantities must be strings.
     """
     if type(raw) is int and 0 <= raw <= MAX_QUANTITY:  # the common case, first
         return raw
@@ -133,21 +152,14 @@ def to_quantity(raw: Any) -> Quantity:
     elif isinstance(raw, float):
         if not math.isfinite(raw):
             raise ValueError("not finite")
-        text = repr(raw)
-        value = Decimal(text)
-        # len(text) <= 16 without an exponent means at most 15 digits; else count the
-        # significant ones (a trailing ".0" or zeros carry no precision)
-        if (len(text) > 16 or "e" in text) and len(value.normalize().as_tuple().digits) > _FLOAT_DIGITS:
-            raise ValueError("number has more digits than JSON numbers keep exactly; send a string")
+        if raw >= _FRACTION_BELOW and not raw.is_integer():
+            raise ValueError("a JSON number with a fraction must be below 1e14; send a string")
+        value = Decimal(repr(raw))
     elif isinstance(raw, str):
         if not _DECIMAL_TEXT.fullmatch(raw):
-            raise ValueError("a quantity string must be plain decimal digits, like \"12.5\"")
-        try:
-            value = Decimal(raw)
-        except InvalidOperation as exc:
-            raise ValueError("not a number") from exc
-        if not value.is_finite():
-            raise ValueError("not finite")
+            raise ValueError("a quantity string must be plain decimal digits, like \"12.5\", "
+                             "at most 15 before the point")
+        value = Decimal(raw)
     else:
         raise ValueError(f"{type(raw).__name__} is not a number")
     if value < 0:
@@ -158,7 +170,14 @@ def to_quantity(raw: Any) -> Quantity:
 
 
 class EventValidator:
-    """Validates events against the configured meters, customers and time limits."""
+    """Validates events against the configured meters, customers and time limits.
+
+    The contract it keeps is schemas/usage-event.schema.json plus the processor-only
+    rules listed there (time limits, known customers, sizes, nesting depth);
+    tests/contract/test_schemas.py generates events from both sides to hold them equal.
+    Duplicate object keys: orjson keeps the last one, as JSON.parse and Python's json do
+    (RFC 8259 leaves it open); finding them would cost a second pass over every message.
+    """
 
     def __init__(
         self,
@@ -166,62 +185,76 @@ class EventValidator:
         limits: Limits,
         known_customers: set[str] | None = None,
     ) -> None:
-        self._meters = meters  # by CloudEvents `type`
         self._limits = limits
+        # By CloudEvents `type`: (meter key, value property, or None for count meters).
+        self._meters = {t: (m.key, None if m.aggregation == "count" else m.value_property)
+                        for t, m in meters.items()}
         # None = any customer accepted; a set = only these (require_known_customers).
         self.known_customers = known_customers
         self._times: dict[str, int] = {}
 
     def parse_record(self, value: bytes | None, offset: int, now_ms: int) -> ParsedRecords:
-        """Parse one Kafka message: a single event or a CloudEvents JSON batch (array)."""
+        """Parse one Kafka message: a single event or a CloudEvents JSON batch (array).
+
+        Never raises for any input. Message-level checks come first, in this order:
+        oversized, not_utf8, too_deep, malformed_json; then each event on its own.
+        """
         out = ParsedRecords([], [])
-        if value is None or len(value) > self._limits.max_message_bytes:
+        limits = self._limits
+        if value is None or len(value) > limits.max_message_bytes:
             size = 0 if value is None else len(value)
             out.rejected.append(
                 Rejection(Reason.OVERSIZED if value else Reason.MALFORMED_JSON,
-                          f"message is {size} bytes (limit {self._limits.max_message_bytes})"
+                          f"message is {size} bytes (limit {limits.max_message_bytes})"
                           if value else "empty message", offset, value or b"")
             )
             return out
         try:
             doc = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
-            out.rejected.append(_undecodable(value, offset, exc))
+            out.rejected.append(_undecodable(value, offset, exc, limits.max_json_depth))
             return out
-        if isinstance(doc, list):
-            if not doc:
-                out.rejected.append(Rejection(Reason.INVALID_ENVELOPE, "empty batch", offset, value))
+        if type(doc) is dict:  # the common case: one event per message
+            # Openers bound the depth from above: one count saves the exact check.
+            if (value.count(b"{") + value.count(b"[") > limits.max_json_depth
+                    and nests_deeper_than(value, limits.max_json_depth)):
+                out.rejected.append(_too_deep(value, offset, limits.max_json_depth))
                 return out
-            if len(doc) > self._limits.max_batch_events:
-                out.rejected.append(Rejection(
-                    Reason.OVERSIZED,
-                    f"batch has {len(doc)} events (limit {self._limits.max_batch_events})",
-                    offset, value))
-                return out
-            for index, item in enumerate(doc):
-                self._accept(item, offset, now_ms, out, index)
-        else:
-            self._accept(doc, offset, now_ms, out, None, value)
+            try:
+                out.accepted.append(self._validate(doc, offset, now_ms - limits.max_lateness_ms,
+                                                   now_ms + limits.max_future_skew_ms))
+            except _Invalid as bad:
+                out.rejected.append(Rejection(bad.reason, bad.detail, offset, value))
+            return out
+        if type(doc) is not list:
+            out.rejected.append(Rejection(
+                Reason.INVALID_ENVELOPE, f"event is a JSON {type(doc).__name__}, not an object",
+                offset, value))
+            return out
+        if len(doc) > limits.max_batch_events:
+            out.rejected.append(Rejection(
+                Reason.OVERSIZED, f"batch has {len(doc)} events (limit {limits.max_batch_events})",
+                offset, value))
+            return out
+        if nests_deeper_than(value, limits.max_json_depth):
+            out.rejected.append(_too_deep(value, offset, limits.max_json_depth))
+            return out
+        # An empty array is a batch of no events: nothing to bill, nothing lost.
+        members: list[bytes] | None = None
+        validate = self._validate
+        accepted = out.accepted
+        oldest_ms, newest_ms = now_ms - limits.max_lateness_ms, now_ms + limits.max_future_skew_ms
+        for index, item in enumerate(doc):
+            try:
+                accepted.append(validate(item, offset, oldest_ms, newest_ms))
+            except _Invalid as bad:
+                if members is None:  # found once per message, and only when needed
+                    members = member_bytes(value)
+                out.rejected.append(Rejection(bad.reason, bad.detail, offset, members[index], index))
         return out
 
-    def _accept(
-        self,
-        doc: Any,
-        offset: int,
-        now_ms: int,
-        out: ParsedRecords,
-        index: int | None,
-        raw: bytes | None = None,
-    ) -> None:
-        try:
-            out.accepted.append(self._validate(doc, offset, now_ms))
-        except _Invalid as bad:
-            # A single-event message goes to the DLQ byte for byte; a batch member re-encoded.
-            payload = raw if raw is not None else orjson.dumps(doc)
-            out.rejected.append(Rejection(bad.reason, bad.detail, offset, payload, index))
-
-    def _validate(self, doc: Any, offset: int, now_ms: int) -> UsageEvent:
-        if not isinstance(doc, dict):
+    def _validate(self, doc: Any, offset: int, oldest_ms: int, newest_ms: int) -> UsageEvent:
+        if type(doc) is not dict:
             raise _Invalid(Reason.INVALID_ENVELOPE, f"event is a JSON {type(doc).__name__}, not an object")
         if doc.get("specversion") != "1.0":
             raise _Invalid(Reason.INVALID_ENVELOPE, "specversion must be \"1.0\"")
@@ -237,7 +270,7 @@ class EventValidator:
         if self.known_customers is not None and subject not in self.known_customers:
             raise _Invalid(Reason.UNKNOWN_CUSTOMER, f"unknown customer {subject!r}")
         time_text = doc.get("time")
-        if not isinstance(time_text, str):
+        if type(time_text) is not str:
             raise _Invalid(Reason.INVALID_TIME, "time must be an RFC 3339 string")
         time_ms = self._times.get(time_text)
         if time_ms is None:
@@ -248,21 +281,30 @@ class EventValidator:
             if len(self._times) > 50_000:  # producers batch events sharing timestamps
                 self._times.clear()
             self._times[time_text] = time_ms
-        if time_ms < now_ms - self._limits.max_lateness_ms:
+        if time_ms < oldest_ms:
             raise _Invalid(Reason.TOO_OLD, f"time {time_text} is older than the maximum lateness")
-        if time_ms > now_ms + self._limits.max_future_skew_ms:
+        if time_ms > newest_ms:
             raise _Invalid(Reason.FUTURE_TIMESTAMP, f"time {time_text} is too far in the future")
-        if meter.aggregation == "count":
+        key, prop = meter
+        if prop is None:  # a count meter: data is not read
             value: Quantity = 1
         else:
             data = doc.get("data")
-            if not isinstance(data, dict) or meter.value_property not in data:
-                raise _Invalid(Reason.INVALID_VALUE, f"data.{meter.value_property} is missing")
-            try:
-                value = to_quantity(data[meter.value_property])
-            except ValueError as exc:
-                raise _Invalid(Reason.INVALID_VALUE, f"data.{meter.value_property}: {exc}") from None
-        return UsageEvent(dedupe_key(source, event_id), subject, meter.key, time_ms, value, offset)
+            if type(data) is not dict or prop not in data:
+                raise _Invalid(Reason.INVALID_VALUE, f"data.{prop} is missing")
+            raw = data[prop]
+            if type(raw) is int and 0 <= raw <= MAX_QUANTITY:
+                value = raw
+            else:
+                try:
+                    value = to_quantity(raw)
+                except ValueError as exc:
+                    raise _Invalid(Reason.INVALID_VALUE, f"data.{prop}: {exc}") from None
+        # tuple.__new__ directly: the NamedTuple's own __new__ is a Python frame per event.
+        return _new_event(UsageEvent, (dedupe_key(source, event_id), subject, key, time_ms, value, offset))
+
+
+_new_event = tuple.__new__
 
 
 def _envelope_problem(doc: dict[str, Any]) -> str:
@@ -278,9 +320,16 @@ class _Invalid(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _undecodable(value: bytes, offset: int, exc: Exception) -> Rejection:
+def _too_deep(value: bytes, offset: int, limit: int) -> Rejection:
+    return Rejection(Reason.TOO_DEEP, f"JSON nests deeper than {limit} levels", offset, value)
+
+
+def _undecodable(value: bytes, offset: int, exc: Exception, depth_limit: int) -> Rejection:
     try:
         value.decode("utf-8")
     except UnicodeDecodeError as uexc:
         return Rejection(Reason.NOT_UTF8, f"not UTF-8: {uexc.reason} at byte {uexc.start}", offset, value)
+    # orjson reads at most 1024 levels and says so; the configured limit is never above it.
+    if str(exc).startswith("depth limit exceeded"):
+        return _too_deep(value, offset, depth_limit)
     return Rejection(Reason.MALFORMED_JSON, f"not JSON: {exc}", offset, value)

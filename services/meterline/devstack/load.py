@@ -261,6 +261,11 @@ def customer_ids(n: int) -> list[str]:
 def run(settings: Settings, args: argparse.Namespace) -> int:
     gen = LoadGenerator(settings, customer_ids(args.customers), batch_size=args.batch_size,
                         duplicates=args.duplicates, late=args.late, invalid=args.invalid)
+    if args.storm:
+        from meterline.devstack import storm
+
+        print(orjson.dumps(storm.run(gen, args.storm, max(args.storm // 5, 1))).decode())
+        return 0
     print(f"sending {args.rate:.0f} events/s for {args.duration:.0f} s to {gen.topic} ...")
     gen.run(args.rate, args.duration)
     s = gen.stats

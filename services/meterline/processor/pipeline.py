@@ -127,8 +127,7 @@ class Pipeline:
         self.policy = policy_from(settings)
         self.validator = EventValidator(
             settings.meter_for_type(),
-            Limits(p.max_message_bytes, p.max_batch_events,
-                   int(p.max_lateness_days * 86_400_000), p.max_future_skew_ms),
+            Limits.from_config(p),
         )
         self.windows = OpenWindows(p.window_size_ms, p.window_grace_ms)
         self.epochs: dict[int, int] = {}

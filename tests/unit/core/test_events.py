@@ -194,6 +194,10 @@ REJECTED_MESSAGES = [
                  id="malformed-1e400"),
     # and so does -1e400
     pytest.param(b'{"data": {"tokens": -1e400}}', Reason.MALFORMED_JSON, id="malformed-minus-1e400"),
+    # deeper than max_json_depth (64 here), as a batch and as one event's data
+    pytest.param(b"[" * 300 + b"]" * 300, Reason.TOO_DEEP, id="too-deep-300-brackets"),
+    pytest.param(raw(event(data={"tokens": 1, "x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]})),
+                 Reason.TOO_DEEP, id="too-deep-data-65-levels"),
     # a JSON document that is not an object
     pytest.param(b'"just a string"', Reason.INVALID_ENVELOPE, id="envelope-string"),
     pytest.param(b"42", Reason.INVALID_ENVELOPE, id="envelope-number"),
@@ -249,6 +253,8 @@ REJECTED_MESSAGES = [
     pytest.param(raw(event(type="sms_sent")), Reason.UNKNOWN_METER, id="unknown-meter"),
     # one millisecond older than the maximum lateness
     pytest.param(raw(event(time=at_ms(NOW_MS - LATENESS_MS - 1))), Reason.TOO_OLD, id="too-old-by-1ms"),
+    # year 0000: RFC 3339 allows it (datetime does not), and it is certainly too old
+    pytest.param(raw(event(time="0000-01-01T00:00:00Z")), Reason.TOO_OLD, id="too-old-year-0"),
     # from 2020: far too old
     pytest.param(raw(event(time="2020-01-01T00:00:00Z")), Reason.TOO_OLD, id="too-old-2020"),
     # one millisecond beyond the allowed future skew
@@ -343,10 +349,23 @@ def test_batch_accepts_good_events_and_rejects_bad_ones_individually() -> None:
         (Reason.INVALID_VALUE, 1, 12),
         (Reason.INVALID_ENVELOPE, 3, 12),
     ]
-    # each rejected member is re-encoded on its own, not the whole batch
+    # each rejected member goes on its own, as its own bytes, not the whole batch
     assert parsed.rejected[0].payload == orjson.dumps(negative)
     assert orjson.loads(parsed.rejected[0].payload) == negative
     assert parsed.rejected[1].payload == b"[1,2]"
+
+
+def test_rejected_batch_member_keeps_its_exact_bytes() -> None:
+    # spacing, key order, escapes and number spellings as the producer wrote them; a
+    # member nested 300 deep could not even be re-encoded (orjson writes 255 levels)
+    member = b'{ "specversion" : "1.0", "id":"\u0065", "data" : {"tokens": -5.0E0} }'
+    batch = b'[\n  ' + raw(event()) + b' ,\t' + member + b'\r\n]'
+
+    parsed = parse(batch)
+
+    assert len(parsed.accepted) == 1
+    [rejection] = parsed.rejected
+    assert (rejection.payload, rejection.batch_index) == (member, 1)
 
 
 def test_batch_member_reasons_cover_time_and_meter_checks() -> None:
@@ -360,12 +379,43 @@ def test_batch_member_reasons_cover_time_and_meter_checks() -> None:
         (0, Reason.UNKNOWN_METER), (1, Reason.INVALID_TIME), (2, Reason.TOO_OLD)]
 
 
-def test_empty_batch_is_dead_lettered_not_silently_dropped() -> None:
-    parsed = parse(b"[]")
+def test_nesting_beyond_orjsons_own_limit_is_too_deep_not_malformed() -> None:
+    # orjson stops at 1024 levels with its own error; that is still our too_deep
+    validator = EventValidator(METERS, Limits(1_000_000, 4, LATENESS_MS, SKEW_MS, 1024))
+    deep = b"[" * 1100 + b"]" * 1100
 
-    assert parsed.accepted == []
-    assert [(r.reason, r.detail, r.payload) for r in parsed.rejected] == [
-        (Reason.INVALID_ENVELOPE, "empty batch", b"[]")]
+    [rejection] = validator.parse_record(deep, 3, NOW_MS).rejected
+
+    assert (rejection.reason, rejection.payload) == (Reason.TOO_DEEP, deep)
+
+
+def test_nesting_at_the_limit_is_accepted_one_more_level_is_too_deep() -> None:
+    validator = EventValidator(METERS, Limits(1_000_000, 4, LATENESS_MS, SKEW_MS, 5))
+    # the event object is level 1, data 2, then three arrays: 5 levels
+    at_limit = raw(event(data={"tokens": 1, "x": [[[]]]}))
+    over = raw(event(data={"tokens": 1, "x": [[[[]]]]}))
+
+    assert len(validator.parse_record(at_limit, 0, NOW_MS).accepted) == 1
+    assert [r.reason for r in validator.parse_record(over, 0, NOW_MS).rejected] == [Reason.TOO_DEEP]
+    # in a batch the array is one more level
+    assert [r.reason for r in validator.parse_record(b"[" + at_limit + b"]", 0, NOW_MS).rejected] == [
+        Reason.TOO_DEEP]
+
+
+def test_duplicate_object_keys_take_the_last_value() -> None:
+    # RFC 8259 leaves duplicate names open; orjson, JSON.parse and Python's json keep the last
+    body = raw(event())[:-1] + b',"subject":"cus_last","data":{"tokens":-1,"tokens":5}}'
+
+    [ev] = parse(body).accepted
+
+    assert (ev.customer, ev.value) == ("cus_last", 5)
+
+
+def test_empty_batch_is_a_batch_of_no_events() -> None:
+    # CloudEvents' batch format is a JSON array of events; [] carries none: nothing to bill,
+    # nothing to dead-letter, and the schema (minItems 0) says the same.
+    for empty in (b"[]", b" [ \n ] "):
+        assert parse(empty) == ParsedRecords([], [])
 
 
 # --- parse_time_ms ---------------------------------------------------------------------------
@@ -395,6 +445,12 @@ TIMES = [
     ("1969-12-31T23:59:59.9995Z", -1),
     # a leap day
     ("2028-02-29T12:00:00Z", utc_ms(2028, 2, 29, 12, 0, 0)),
+    # year 0000 (RFC 3339's first year; datetime starts at 0001): one 400-year cycle before 0400
+    ("0000-01-01T00:00:00Z", utc_ms(400, 1, 1) - 146_097 * 86_400_000),
+    # year 0000 is a leap year, and an offset can move the instant into the year -1
+    ("0000-02-29T00:00:00+01:00", utc_ms(400, 2, 28, 23) - 146_097 * 86_400_000),
+    # the last representable instant, behind UTC: lands in year 10000
+    ("9999-12-31T23:59:59-01:00", utc_ms(9999, 12, 31, 23, 59, 59) + 3_600_000),
 ]
 
 
@@ -448,6 +504,12 @@ QUANTITIES = [
     ("7", Decimal("7")),
     # negative zero is zero, not negative
     (-0.0, Decimal(0)),
+    # 16-17 significant digits: a JSON number is a double, billed as its shortest decimal
+    # (what JSON writers emit for it), exactly as schema-valid as any other number
+    (0.12345678901234566, Decimal("0.12345678901234566")),
+    (0.1 + 0.2, Decimal("0.30000000000000004")),
+    # a whole double from 10^14 to 10^15 is an integer to the schema too
+    (123456789012345.0, Decimal("123456789012345.0")),
 ]
 
 
@@ -472,8 +534,11 @@ BAD_QUANTITIES = [
     "1_000",
     # above the per-event cap (10**15): keeps sums x prices exact
     2**63 - 1,
-    # 17 significant digits: more than a JSON number carries exactly (0.1 + 0.2)
-    0.1 + 0.2,
+    # a fraction from 10^14 up: a double keeps at most one fractional digit there
+    123456789012345.67,
+    # more than 15 digits before the point in a string (the schema's pattern)
+    "0000000000000001",
+    "1000000000000000.5",
     # booleans are ints in Python but not quantities
     True,
     False,
@@ -507,21 +572,22 @@ def test_to_quantity_rejects_non_quantities(raw_value: Any) -> None:
         to_quantity(raw_value)
 
 
-@pytest.mark.parametrize(
-    "literal",
-    [
-        # 2**64 + 1: one past the unsigned 64-bit range, decoded as a float
-        b"18446744073709551617",
-        # 20 significant digits after the point: a double keeps ~17
-        b"0.12345678901234567891",
-    ],
-)
-def test_json_number_too_precise_for_a_double_is_rejected_not_rounded(literal: bytes) -> None:
-    body = raw(event()).replace(b'"tokens":42', b'"tokens":' + literal)
+def test_json_number_beyond_the_integer_range_is_rejected() -> None:
+    # 2**64 + 1: one past the unsigned 64-bit range, decoded as a float above 10^15
+    body = raw(event()).replace(b'"tokens":42', b'"tokens":18446744073709551617')
     parsed = parse(body)
 
     assert not parsed.accepted
     assert parsed.rejected[0].reason is Reason.INVALID_VALUE
+
+
+def test_json_number_with_more_digits_than_a_double_is_billed_as_its_double() -> None:
+    # RFC 8259 section 6: a JSON number is as precise as a binary64; 20 digits read as the
+    # nearest double, billed as that double's shortest decimal. More precision: send a string.
+    body = raw(event()).replace(b'"tokens":42', b'"tokens":0.12345678901234567891')
+    [ev] = parse(body).accepted
+
+    assert ev.value == Decimal("0.12345678901234568")
 
 
 def test_numeric_string_keeps_every_digit() -> None:
