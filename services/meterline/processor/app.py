@@ -243,7 +243,7 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
         pool = await create_pool(settings.database_url, max_size=4)
         async with pool.acquire() as conn:
             await sync_config(conn, settings)
-        dlq = DlqWriter(k.bootstrap_servers, k.usage_dlq_topic, k.usage_topic)
+        dlq = DlqWriter(k, k.usage_dlq_topic, k.usage_topic)
         pipeline = Pipeline(settings, pool, dlq, owner)
         await pipeline.maintain()
         CheckpointedConsumer.pipeline = pipeline

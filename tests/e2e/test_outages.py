@@ -1,0 +1,204 @@
+"""Every service rides out a Postgres crash, exhausted connection slots and a broker freeze
+longer than the producers' message timeout — without a restart (issue 9).
+
+One scenario, the services as subprocesses (processor, outbox relay, Stripe sink, ledger
+consumer) under a steady load with bad input mixed in (so dead letters are in flight),
+through three outages in sequence:
+
+1. Postgres immediate shutdown (`pg_ctl stop -m immediate`: a crash) for 20 s, then started
+   again on the same data directory and socket;
+2. every Postgres connection slot held by the test for 20 s;
+3. the broker frozen (SIGSTOP) for longer than `kafka.producer_message_timeout_ms`, so
+   in-flight messages time out and idempotent producers are fenced.
+
+Then: no service exited, the ledger is exact, the DLQ holds every bad input, Stripe (the
+emulator) equals the ledger, and each service says it is ready and alive again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from integration.harness import (
+    Sender,
+    assert_exact,
+    assert_ledger_integrity,
+    db_pool,
+    fleet,
+    read_dlq,
+    wait_for_ledger,
+    wait_for_owners,
+    wait_until,
+)
+from meterline.config import Settings
+from meterline.devstack.dev import scrape
+from meterline.devstack.embedded import EmbeddedKafka, EmbeddedPostgres
+from meterline.devstack.load import LoadGenerator, customer_ids
+from meterline.storage.db import with_database
+from meterline.stripe.emulator import serve
+from meterline.stripe.provision import ensure_customers, ensure_meters
+from meterline.stripe.transport import Stripe
+
+from .test_stripe_end_to_end import ledger_by_meter, stripe_by_meter
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+CUSTOMERS = 20
+OUTAGE_S = 20
+MESSAGE_TIMEOUT_MS = 3000
+FREEZE_S = 8  # > message timeout: in-flight messages expire, producers get fenced
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _probe(port: int, path: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    except OSError:
+        return 0, {}
+
+
+async def _grab(server_dsn: str, held: list[asyncpg.Connection]) -> None:
+    """Open connections, 16 at a time, until the server refuses one."""
+    while True:
+        got = await asyncio.gather(*(asyncpg.connect(server_dsn, timeout=5) for _ in range(16)),
+                                   return_exceptions=True)
+        held += [c for c in got if isinstance(c, asyncpg.Connection)]
+        if any(isinstance(c, BaseException) for c in got):
+            return
+
+
+async def _hold_every_slot(server_dsn: str) -> list[asyncpg.Connection]:
+    """Take every connection slot, then end the other clients' sessions and take theirs
+    too: whoever needs a new connection now finds none (`too many clients`)."""
+    held: list[asyncpg.Connection] = []
+    for _ in range(3):
+        await _grab(server_dsn, held)
+        await held[0].execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> ALL($1::int[])",
+            [c.get_server_pid() for c in held])
+    await _grab(server_dsn, held)
+    return held
+
+
+async def test_every_service_rides_out_postgres_crash_slot_exhaustion_and_broker_freeze(
+    pipeline_settings: Callable[..., Settings],
+    embedded_kafka: EmbeddedKafka | None,
+    embedded_postgres: EmbeddedPostgres | None,
+    tmp_path: Path,
+    unique_topic_prefix: str,
+) -> None:
+    if embedded_kafka is None or embedded_postgres is None:
+        pytest.skip("needs the embedded broker and Postgres to freeze and crash them")
+    from meterline.stripe.emulator import StripeEmulator
+
+    emu = StripeEmulator(seed=3)
+    runner = await serve("127.0.0.1", 0, emu)
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    ports = {name: _free_port() for name in ("processor", "relay", "sink", "ledger")}
+    settings = pipeline_settings(
+        customers=CUSTOMERS,
+        kafka={"producer_message_timeout_ms": MESSAGE_TIMEOUT_MS},
+        processor={"metrics_port": ports["processor"]},
+        relay={"metrics_port": ports["relay"]},
+        stripe={"api_base": url, "coalesce_interval_seconds": 2, "seal_grace_seconds": 0.5,
+                "retry_base_seconds": 0.05, "retry_max_seconds": 1, "poll_interval_ms": 50,
+                "lease_seconds": 5, "metrics_port": ports["sink"],
+                "consumer_group": f"{unique_topic_prefix}stripe-sink"},
+        ledger_consumer={"metrics_port": ports["ledger"],
+                         "consumer_group": f"{unique_topic_prefix}ledger"})
+    api = Stripe("sk_test_x", url, 10)
+    held: list[asyncpg.Connection] = []
+    try:
+        async with db_pool(settings.database_url) as pool:
+            await ensure_meters(api.client, settings)
+            await ensure_customers(api.client, pool, customer_ids(CUSTOMERS))
+            with fleet(settings, tmp_path, "w1") as services:
+                services.service("relay", "relay")
+                services.service("sink", "stripe-sink")
+                services.service("ledger", "ledger-consumer")
+                await wait_for_owners(pool, settings, {"w1"}, workers=services)
+                gen = LoadGenerator(settings, customer_ids(CUSTOMERS), duplicates=0.05, late=0,
+                                    invalid=0.05, seed=17)
+                with Sender(gen, rate=800):
+                    await asyncio.sleep(3)
+                    # 1. Postgres crash
+                    embedded_postgres.crash()
+                    try:
+                        await asyncio.sleep(OUTAGE_S)
+                    finally:
+                        embedded_postgres.recover()
+                    # 2. every connection slot taken (before the services reconnect)
+                    held = await _hold_every_slot(with_database(settings.database_url, "postgres"))
+                    not_ready: set[str] = set()
+                    try:
+                        for _ in range(OUTAGE_S):
+                            await asyncio.sleep(1)
+                            not_ready |= {n for n in ("relay", "sink")
+                                          if _probe(ports[n], "/readyz")[0] == 503}
+                        services.check_alive()
+                    finally:
+                        for conn in held:
+                            await conn.close()
+                        held = []
+                    await asyncio.sleep(3)
+                    # 3. broker freeze past the producers' message timeout
+                    embedded_kafka.freeze()
+                    try:
+                        await asyncio.sleep(FREEZE_S)
+                    finally:
+                        embedded_kafka.thaw()
+                    await asyncio.sleep(3)
+                snap = await wait_for_ledger(pool, gen, timeout=90, workers=services, settle=1.5)
+                assert_exact(snap, gen)
+                await assert_ledger_integrity(pool, gen.stats.events_sent)
+                want = await ledger_by_meter(pool, settings)
+
+                async def stripe_matches() -> bool:
+                    return stripe_by_meter(emu) == want
+                await wait_until(stripe_matches, timeout=60, what="Stripe totals = ledger",
+                                 workers=services)
+
+                async def all_ready() -> bool:
+                    return all(_probe(ports[n], "/readyz")[0] == 200
+                               for n in ("relay", "sink", "ledger"))
+                await wait_until(all_ready, timeout=30, what="every service ready again",
+                                 workers=services)
+                services.check_alive()
+                live = {n: _probe(ports[n], "/healthz")[0] for n in ("relay", "sink", "ledger")}
+                seen = {n: scrape(ports[n]) for n in ("relay", "sink", "processor")}
+                dlq = read_dlq(settings.kafka.bootstrap_servers, settings.kafka.usage_dlq_topic)
+    finally:
+        for conn in held:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        await api.close()
+        await runner.cleanup()
+    assert services.gone == [(n, 0) for n, _ in services.gone]  # only our clean stop, no exit
+    assert live == {"relay": 200, "sink": 200, "ledger": 200}
+    assert not_ready == {"relay", "sink"}, "holding every slot must make them not ready"
+    assert stripe_by_meter(emu) == want
+    assert sum(dlq.values()) >= gen.stats.invalid_sent > 0  # every bad input dead-lettered
+    for name in ("relay", "sink"):  # each waited out the database, not exited
+        assert seen[name].get(
+            "meterline_dependency_retries_total:dependency=postgres", 0) > 0, name
+    # the relay's producer timed out in the freeze and was replaced, not retried forever
+    assert seen["relay"].get("meterline_producer_replacements_total:client=relay", 0) >= 1
