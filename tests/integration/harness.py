@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meterline.config import Settings
 from meterline.devstack.dev import Services, Snapshot, compare, read_dlq, read_topic, snapshot
 from meterline.devstack.load import LoadGenerator
+from meterline.kafka.security import KafkaTarget
 
 __all__ = [
     "FakeClock", "Fleet", "Message", "Record", "Sample", "Sender", "assert_exact",
@@ -373,7 +374,7 @@ class Message:
     headers: dict[str, bytes]
 
 
-def read_messages(bootstrap: str, topic: str, quiet_seconds: float = 2.0) -> list[Message]:
+def read_messages(bootstrap: KafkaTarget, topic: str, quiet_seconds: float = 2.0) -> list[Message]:
     """Every message of `topic` (see `meterline.devstack.dev.read_topic`), as plain tuples."""
     out: list[Message] = []
     for m in read_topic(bootstrap, topic, quiet_seconds):
