@@ -78,8 +78,12 @@ def check_kafka(kafka: KafkaTarget, timeout_s: float = 10.0) -> None:
         if err.code() in _REFUSED or err.fatal():
             refused.append(err)
 
-    admin = AdminClient(librdkafka_config(kafka, logger=_QUIET, error_cb=on_error))
     where = f"{kafka.bootstrap_servers} ({_describe(kafka)})"
+    try:
+        admin = AdminClient(librdkafka_config(kafka, logger=_QUIET, error_cb=on_error))
+    except KafkaException as exc:  # e.g. a CA file that is not PEM
+        raise Unreachable(f"cannot use the kafka: security settings for {where}: "
+                          f"{exc.args[0].str() if exc.args else exc}") from exc
     deadline = time.monotonic() + timeout_s
     while True:
         try:
