@@ -1,0 +1,125 @@
+"""The whole pipeline on a broker that only speaks mutually authenticated TLS.
+
+Processor (with its DLQ writer), outbox relay, Stripe sink (against the emulator), webhook
+bridge and ledger consumer all reach the broker only through `kafka:` security settings
+(security_protocol SSL, CA file, client certificate and key): the broker advertises only
+its TLS address, and a client without the CA or a certificate cannot connect there
+(tests/integration/test_kafka_tls.py). Checked: the ledger is exact, bad input is in the
+DLQ, Stripe equals the ledger, and a Stripe purchase became exactly one grant.
+
+Not SASL: the embedded broker (Tansu 0.6.0) cannot hold a SCRAM user, see
+`test_scram_login_and_a_wrong_password_against_the_embedded_broker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from integration.harness import (
+    Sender,
+    assert_exact,
+    assert_ledger_integrity,
+    db_pool,
+    fleet,
+    read_dlq,
+    wait_for_ledger,
+    wait_for_owners,
+    wait_until,
+)
+from integration.tls import Pki, TlsTerminator, make_pki, tls_broker
+from meterline.config import Settings
+from meterline.devstack.embedded import EmbeddedKafka
+from meterline.devstack.load import LoadGenerator, customer_ids
+from meterline.stripe.emulator import StripeEmulator, serve
+from meterline.stripe.provision import ensure_customers, ensure_meters
+from meterline.stripe.transport import Stripe
+from meterline.webhooks.bridge import start_bridge
+from meterline.webhooks.signing_secrets import SigningSecrets
+
+from .test_stripe_end_to_end import ledger_by_meter, stripe_by_meter
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+CUSTOMERS = 12
+
+
+@pytest.fixture
+def mtls(tmp_path: Path) -> Iterator[tuple[Pki, TlsTerminator]]:
+    pki = make_pki(tmp_path / "pki")
+    with tls_broker(tmp_path / "kafka", pki, require_client_cert=True) as (broker, terminator):
+        assert isinstance(broker, EmbeddedKafka)
+        yield pki, terminator
+
+
+async def test_pipeline_is_exact_over_mutual_tls(
+    pipeline_settings: Callable[..., Settings], mtls: tuple[Pki, TlsTerminator],
+    tmp_path: Path, unique_topic_prefix: str,
+) -> None:
+    pki, terminator = mtls
+    emu = StripeEmulator(seed=21)
+    runner = await serve("127.0.0.1", 0, emu)
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    settings = pipeline_settings(
+        customers=CUSTOMERS,
+        kafka={"bootstrap_servers": terminator.address, "security_protocol": "SSL",
+               "ssl_ca_file": str(pki.ca), "ssl_cert_file": str(pki.client_cert),
+               "ssl_key_file": str(pki.client_key)},
+        stripe={"api_base": url, "coalesce_interval_seconds": 2, "seal_grace_seconds": 0.5,
+                "retry_base_seconds": 0.05, "retry_max_seconds": 1, "poll_interval_ms": 50,
+                "lease_seconds": 5, "metrics_port": 0,
+                "consumer_group": f"{unique_topic_prefix}stripe-sink"},
+        ledger_consumer={"metrics_port": 0, "consumer_group": f"{unique_topic_prefix}ledger"})
+    api = Stripe("sk_test_x", url, 10)
+    secret = "whsec_tls_" + uuid.uuid4().hex
+    bridge = await start_bridge(settings, SigningSecrets([secret]), host="127.0.0.1", port=0)
+    emu.add_webhook_endpoint(bridge.webhook_url, secret)
+    try:
+        async with db_pool(settings.database_url) as pool:
+            await ensure_meters(api.client, settings)
+            stripe_ids = await ensure_customers(api.client, pool, customer_ids(CUSTOMERS))
+            with fleet(settings, tmp_path / "fleet", "w1") as services:
+                services.service("relay", "relay")
+                services.service("sink", "stripe-sink")
+                services.service("ledger", "ledger-consumer")
+                await wait_for_owners(pool, settings, {"w1"}, workers=services)
+                buyer = customer_ids(CUSTOMERS)[0]
+                emu.trigger("checkout.session.completed",
+                            {"customer": stripe_ids[buyer], "credits": "90", "amount": 9000})
+                gen = LoadGenerator(settings, customer_ids(CUSTOMERS), duplicates=0.05, late=0,
+                                    invalid=0.05, seed=29)
+                with Sender(gen, rate=400) as sender:
+                    await asyncio.sleep(6)
+                    sender.stop()
+                snap = await wait_for_ledger(pool, gen, timeout=60, workers=services, settle=1.5)
+                assert_exact(snap, gen)
+                await assert_ledger_integrity(pool, gen.stats.events_sent)
+                want = await ledger_by_meter(pool, settings)
+
+                async def stripe_matches() -> bool:
+                    return stripe_by_meter(emu) == want
+                await wait_until(stripe_matches, timeout=60, what="Stripe totals = ledger",
+                                 workers=services)
+
+                async def purchase_granted() -> list[tuple[str, Decimal]]:
+                    rows = await pool.fetch(
+                        "SELECT customer_id, amount FROM grants WHERE source LIKE 'stripe%'")
+                    return [(r["customer_id"], r["amount"]) for r in rows]
+                grants = await wait_until(purchase_granted, timeout=30,
+                                          what="the purchase to become a grant", workers=services)
+                dlq = read_dlq(settings.kafka, settings.kafka.usage_dlq_topic)
+                services.check_alive()
+    finally:
+        await bridge.stop()
+        await api.close()
+        await runner.cleanup()
+    assert stripe_by_meter(emu) == want and want
+    assert grants == [(buyer, Decimal(90))]
+    assert sum(dlq.values()) == gen.stats.invalid_sent > 0
+    assert terminator.handshake_failures == 0  # every client presented a trusted certificate
+
