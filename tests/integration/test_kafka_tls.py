@@ -8,7 +8,9 @@ SASL is not exercised against the embedded broker, see `test_sasl_scram_against_
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -163,3 +165,26 @@ def test_scram_login_and_a_wrong_password_against_the_embedded_broker(tmp_path: 
             check_kafka(scram.model_copy(update={"sasl_password": "wrong"}), timeout_s=30)
         assert time.monotonic() - started < 10
         assert "refused us" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_with_an_untrusted_certificate_exits_with_one_line(
+    mtls_broker: tuple[EmbeddedKafka, TlsTerminator], pki: Pki, tmp_path: Path,
+) -> None:
+    _, terminator = mtls_broker
+    config = tmp_path / "meterline.yaml"
+    config.write_text(
+        f"kafka:\n  bootstrap_servers: {terminator.address}\n  security_protocol: SSL\n"
+        f"  ssl_ca_file: {pki.other_ca}\n  ssl_cert_file: {pki.client_cert}\n"
+        f"  ssl_key_file: {pki.client_key}\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("METERLINE_") and k != "KAFKA_BOOTSTRAP_SERVERS"}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "meterline.cli", "-c", str(config), "topics"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    took = time.monotonic() - started
+
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(f"meterline topics: Kafka at {terminator.address} (SSL) refused us")
+    assert took < 15, f"took {took:.1f} s"

@@ -385,3 +385,17 @@ def test_the_scan_sees_a_client_built_around_the_mapping(tmp_path: Path) -> None
         "        self.p = Producer({**self._config, 'error_cb': print})\n")
 
     assert unsecured_client_constructions(pkg) == ["pkg/bad.py:4", "pkg/bad.py:5", "pkg/bad.py:6"]
+
+
+def test_cli_names_the_field_of_an_invalid_security_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from meterline.cli import main
+
+    config = tmp_path / "meterline.yaml"
+    config.write_text("kafka:\n  security_protocol: SASL_SSL\n  sasl_mechanism: SCRAM-SHA-256\n"
+                      "  sasl_password: s3cret\n")
+
+    assert main(["-c", str(config), "topics"]) == 2
+    err = capsys.readouterr().err
+    assert "kafka" in err and "needs sasl_username" in err and "s3cret" not in err
