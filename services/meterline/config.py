@@ -119,13 +119,14 @@ class KafkaConfig(_Frozen):
     producer_message_timeout_ms: int = Field(default=30_000, ge=1000)
 
     # --- security: one place, applied to every client (meterline.kafka.security) -------
-    # Secrets: `sasl_password` / `oauth_client_secret` from METERLINE_KAFKA__SASL_PASSWORD /
-    # METERLINE_KAFKA__OAUTH_CLIENT_SECRET, or the `*_file` keys (read once at start-up; the
-    # file wins). They are SecretStr: repr, logs and config dumps show '**********'.
+    # Secrets are never in the YAML file: `sasl_password` / `oauth_client_secret` come from
+    # METERLINE_KAFKA__SASL_PASSWORD / METERLINE_KAFKA__OAUTH_CLIENT_SECRET, or the `*_file`
+    # keys (read once at start-up; the file wins). SecretStr, left out of dumps: repr and
+    # logs show '**********', a dumped config has only the file path.
     security_protocol: SecurityProtocol = "PLAINTEXT"
     sasl_mechanism: SaslMechanism | None = None
     sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    sasl_password: SecretStr | None = Field(default=None, exclude=True)
     sasl_password_file: Path | None = None
     # PEM files. No CA file = the system's trust store (Confluent Cloud, MSK, ...).
     ssl_ca_file: Path | None = None
@@ -138,7 +139,7 @@ class KafkaConfig(_Frozen):
     # OAUTHBEARER: the client-credentials grant against this token endpoint (OIDC).
     oauth_token_endpoint_url: str | None = None
     oauth_client_id: str | None = None
-    oauth_client_secret: SecretStr | None = None
+    oauth_client_secret: SecretStr | None = Field(default=None, exclude=True)
     oauth_client_secret_file: Path | None = None
     oauth_scope: str | None = None
 
@@ -425,6 +426,10 @@ class Settings(_Frozen):
         return {m.event_type: m for m in self.meters}
 
 
+# Set from the environment or a file only (KafkaConfig), never from the YAML file.
+KAFKA_SECRETS = ("sasl_password", "oauth_client_secret")
+
+
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Load settings from `path` (or $METERLINE_CONFIG) plus env; raise ConfigError naming the field."""
     path = path or os.environ.get("METERLINE_CONFIG")
@@ -436,6 +441,12 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
+        kafka = data.get("kafka")
+        for secret in KAFKA_SECRETS:
+            if isinstance(kafka, dict) and kafka.get(secret) is not None:
+                raise ConfigError(
+                    f"kafka.{secret}: secrets are never in the config file; set "
+                    f"METERLINE_KAFKA__{secret.upper()} or kafka.{secret}_file")
     if os.environ.get("DATABASE_URL"):
         data["database_url"] = os.environ["DATABASE_URL"]
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):

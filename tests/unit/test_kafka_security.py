@@ -18,7 +18,7 @@ from urllib.parse import parse_qs
 import pytest
 from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
 
-from meterline.config import ConfigError, KafkaConfig, load_settings
+from meterline.config import KAFKA_SECRETS, ConfigError, KafkaConfig, load_settings
 from meterline.kafka.security import (
     ClientCredentialsToken,
     aiokafka_config,
@@ -47,12 +47,15 @@ def pem() -> Path:
     return Path(cafile)
 
 
-def kafka_error(tmp_path: Path, **kafka: object) -> str:
+def kafka_error(tmp_path: Path, *, secrets_in_file: bool = False, **kafka: object) -> str:
+    """The ConfigError of `kafka:` settings; secrets are passed as the environment would
+    pass them (overrides), unless `secrets_in_file`."""
+    kafka = {k: str(v) if isinstance(v, Path) else v for k, v in kafka.items()}
+    secrets = {} if secrets_in_file else {k: kafka.pop(k) for k in KAFKA_SECRETS if k in kafka}
     config = tmp_path / "meterline.yaml"
-    config.write_text(json.dumps({"kafka": {k: str(v) if isinstance(v, Path) else v
-                                            for k, v in kafka.items()}}))
+    config.write_text(json.dumps({"kafka": kafka}))
     with pytest.raises(ConfigError) as info:
-        load_settings(config)
+        load_settings(config, **({"kafka": secrets} if secrets else {}))
     return str(info.value)
 
 
@@ -142,13 +145,27 @@ def test_password_from_env_and_from_a_file_and_never_shown(
     for shown in (repr(from_file), str(from_file.model_dump()),
                   from_file.model_dump_json(), repr(faust_credentials(from_file.kafka))):
         assert "s3cret" not in shown
+    # a dumped config (what tests hand to subprocesses) keeps the file, not the secret
+    assert "sasl_password" not in from_file.model_dump()["kafka"]
+    assert from_file.model_dump()["kafka"]["sasl_password_file"] == secret_file
 
 
-def test_a_config_error_does_not_echo_the_password(tmp_path: Path) -> None:
+def test_a_config_error_does_not_echo_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("METERLINE_KAFKA__SASL_PASSWORD", "hunter2-s3cret")
     message = kafka_error(tmp_path, security_protocol="SSL", sasl_mechanism="PLAIN",
-                          sasl_username="u", sasl_password="hunter2-s3cret")
+                          sasl_username="u")
 
     assert "sasl_mechanism" in message and "hunter2" not in message
+
+
+@pytest.mark.parametrize("secret", ["sasl_password", "oauth_client_secret"])
+def test_a_secret_in_the_config_file_is_refused(tmp_path: Path, secret: str) -> None:
+    message = kafka_error(tmp_path, secrets_in_file=True, **{secret: "s3cret"})
+
+    assert f"kafka.{secret}: secrets are never in the config file" in message
+    assert f"METERLINE_KAFKA__{secret.upper()}" in message and "s3cret" not in message
 
 
 # --- the mapping ------------------------------------------------------------------------------
@@ -388,13 +405,13 @@ def test_the_scan_sees_a_client_built_around_the_mapping(tmp_path: Path) -> None
 
 
 def test_cli_names_the_field_of_an_invalid_security_setting(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from meterline.cli import main
 
     config = tmp_path / "meterline.yaml"
-    config.write_text("kafka:\n  security_protocol: SASL_SSL\n  sasl_mechanism: SCRAM-SHA-256\n"
-                      "  sasl_password: s3cret\n")
+    config.write_text("kafka:\n  security_protocol: SASL_SSL\n  sasl_mechanism: SCRAM-SHA-256\n")
+    monkeypatch.setenv("METERLINE_KAFKA__SASL_PASSWORD", "s3cret")
 
     assert main(["-c", str(config), "topics"]) == 2
     err = capsys.readouterr().err
