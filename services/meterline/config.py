@@ -9,6 +9,7 @@ naming the field.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from datetime import datetime
 from decimal import Decimal
@@ -136,7 +137,12 @@ class KafkaConfig(_Frozen):
     # The broker's certificate must name the host we dialled. Off only for a broker whose
     # certificate cannot be fixed; the chain is still verified against the CA either way.
     ssl_check_hostname: bool = True
-    # OAUTHBEARER: the client-credentials grant against this token endpoint (OIDC).
+    # OAUTHBEARER's token source. oidc: the client-credentials grant against
+    # oauth_token_endpoint_url (Confluent Cloud, Aiven, Keycloak, ...). aws_msk_iam: Amazon
+    # MSK IAM, signed with the AWS credentials of the usual chain (env, profile, pod/instance
+    # role) for aws_region; needs the `msk` extra (aws-msk-iam-sasl-signer-python).
+    oauth_provider: Literal["oidc", "aws_msk_iam"] = "oidc"
+    aws_region: str | None = None
     oauth_token_endpoint_url: str | None = None
     oauth_client_id: str | None = None
     oauth_client_secret: SecretStr | None = Field(default=None, exclude=True)
@@ -174,12 +180,22 @@ class KafkaConfig(_Frozen):
                 raise ValueError(f"sasl_mechanism {mech} needs sasl_username")
             if self.sasl_password is None:
                 raise ValueError(f"sasl_mechanism {mech} needs sasl_password (or sasl_password_file)")
-        if mech == "OAUTHBEARER":
+        if mech == "OAUTHBEARER" and self.oauth_provider == "oidc":
             for name in ("oauth_token_endpoint_url", "oauth_client_id", "oauth_client_secret"):
                 if not getattr(self, name):
                     raise ValueError(f"sasl_mechanism OAUTHBEARER needs {name}")
+        elif mech == "OAUTHBEARER":  # aws_msk_iam
+            if not self.aws_region:
+                raise ValueError("oauth_provider aws_msk_iam needs aws_region")
+            if self.security_protocol != "SASL_SSL":
+                raise ValueError("oauth_provider aws_msk_iam needs security_protocol SASL_SSL")
+            if importlib.util.find_spec("aws_msk_iam_sasl_signer") is None:
+                raise ValueError("oauth_provider aws_msk_iam needs the msk extra: "
+                                 "pip install 'meterline[msk]'")
         elif self.oauth_token_endpoint_url or self.oauth_client_id:
             raise ValueError("oauth_token_endpoint_url/oauth_client_id need sasl_mechanism OAUTHBEARER")
+        elif self.oauth_provider != "oidc":
+            raise ValueError(f"oauth_provider {self.oauth_provider} needs sasl_mechanism OAUTHBEARER")
         files = {"ssl_ca_file": self.ssl_ca_file, "ssl_cert_file": self.ssl_cert_file,
                  "ssl_key_file": self.ssl_key_file}
         for name, path in files.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import json
 import os
 import ssl
@@ -13,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
@@ -416,3 +417,48 @@ def test_cli_names_the_field_of_an_invalid_security_setting(
     assert main(["-c", str(config), "topics"]) == 2
     err = capsys.readouterr().err
     assert "kafka" in err and "needs sasl_username" in err and "s3cret" not in err
+
+
+# --- Amazon MSK IAM (OAUTHBEARER signed with AWS credentials) ---------------------------------
+
+
+def test_msk_iam_signs_a_token_for_the_region_with_the_default_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAMETERLINETEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    kafka = KafkaConfig(bootstrap_servers="b-1.msk.example:9098", security_protocol="SASL_SSL",
+                        sasl_mechanism="OAUTHBEARER", oauth_provider="aws_msk_iam",
+                        aws_region="eu-west-1")
+
+    rd = librdkafka_config(kafka)
+    assert rd["sasl.mechanism"] == "OAUTHBEARER" and "sasl.oauthbearer.method" not in rd
+    token, expiry_s = rd["oauth_cb"]("")
+    url = urlsplit(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode())
+    query = parse_qs(url.query)
+    assert url.hostname == "kafka.eu-west-1.amazonaws.com"
+    assert query["Action"] == ["kafka-cluster:Connect"]
+    assert query["X-Amz-Credential"][0].startswith("AKIAMETERLINETEST/")
+    assert expiry_s > 1_000_000_000  # epoch seconds, as librdkafka wants
+
+    provider = aiokafka_config(kafka)["sasl_oauth_token_provider"]
+    aio_token = asyncio.run(provider.token())
+    assert base64.urlsafe_b64decode(aio_token + "=" * (-len(aio_token) % 4)).startswith(
+        b"https://kafka.eu-west-1.amazonaws.com/?Action=kafka-cluster")
+    assert isinstance(faust_credentials(kafka), OAuthCredentials)
+
+
+@pytest.mark.parametrize(("kafka", "message"), [
+    ({"security_protocol": "SASL_SSL", "sasl_mechanism": "OAUTHBEARER",
+      "oauth_provider": "aws_msk_iam"}, "aws_msk_iam needs aws_region"),
+    ({"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "OAUTHBEARER",
+      "oauth_provider": "aws_msk_iam", "aws_region": "eu-west-1"},
+     "aws_msk_iam needs security_protocol SASL_SSL"),
+    ({"security_protocol": "SSL", "oauth_provider": "aws_msk_iam", "aws_region": "eu-west-1"},
+     "oauth_provider aws_msk_iam needs sasl_mechanism OAUTHBEARER"),
+])
+def test_msk_iam_misconfigurations_name_the_field(
+    tmp_path: Path, kafka: dict[str, object], message: str,
+) -> None:
+    assert message in kafka_error(tmp_path, **kafka)

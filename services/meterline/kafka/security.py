@@ -74,6 +74,9 @@ def librdkafka_security(kafka: KafkaConfig) -> dict[str, Any]:
         assert kafka.sasl_password is not None  # KafkaConfig validated it
         out["sasl.username"] = kafka.sasl_username
         out["sasl.password"] = kafka.sasl_password.get_secret_value()
+    elif mech == "OAUTHBEARER" and kafka.oauth_provider == "aws_msk_iam":
+        assert kafka.aws_region is not None
+        out["oauth_cb"] = MskIamToken(kafka.aws_region).for_librdkafka
     elif mech == "OAUTHBEARER":
         assert kafka.oauth_client_secret is not None
         out["sasl.oauthbearer.method"] = "oidc"
@@ -107,7 +110,7 @@ def aiokafka_security(kafka: KafkaConfig) -> dict[str, Any]:
         out["sasl_plain_username"] = kafka.sasl_username
         out["sasl_plain_password"] = kafka.sasl_password.get_secret_value()
     elif mech == "OAUTHBEARER":
-        out["sasl_oauth_token_provider"] = ClientCredentialsToken(kafka)
+        out["sasl_oauth_token_provider"] = oauth_token_provider(kafka)
     return out
 
 
@@ -117,7 +120,7 @@ def faust_credentials(kafka: KafkaConfig) -> CredentialsT | None:
     context = ssl_context(kafka)
     mech = kafka.sasl_mechanism
     if mech == "OAUTHBEARER":
-        return OAuthCredentials(oauth_cb=ClientCredentialsToken(kafka), ssl_context=context)
+        return OAuthCredentials(oauth_cb=oauth_token_provider(kafka), ssl_context=context)
     if mech is not None:
         assert kafka.sasl_password is not None
         # SASLCredentials picks SASL_SSL when given a context, SASL_PLAINTEXT otherwise.
@@ -141,6 +144,37 @@ def ssl_context(kafka: KafkaConfig) -> ssl.SSLContext | None:
     context.check_hostname = kafka.ssl_check_hostname
     context.verify_mode = ssl.CERT_REQUIRED  # never optional, whatever the hostname rule
     return context
+
+
+def oauth_token_provider(kafka: KafkaConfig) -> AbstractTokenProvider:
+    """The OAUTHBEARER token source of the Python clients, per `kafka.oauth_provider`."""
+    if kafka.oauth_provider == "aws_msk_iam":
+        assert kafka.aws_region is not None
+        return MskIamToken(kafka.aws_region)
+    return ClientCredentialsToken(kafka)
+
+
+class MskIamToken(AbstractTokenProvider):
+    """Amazon MSK IAM: a token signed (SigV4, locally) with the AWS credentials of the
+    default chain. Each call signs anew: signing is local and cheap, and the credentials
+    (e.g. a pod role's) may have rotated."""
+
+    def __init__(self, region: str) -> None:
+        self.region = region
+
+    def _generate(self) -> tuple[str, float]:
+        """(token, expiry in epoch seconds)."""
+        from aws_msk_iam_sasl_signer import MSKAuthTokenProvider  # the `msk` extra
+
+        token, expiry_ms = MSKAuthTokenProvider.generate_auth_token(self.region)
+        return token, expiry_ms / 1000
+
+    def for_librdkafka(self, _config: str) -> tuple[str, float]:
+        """librdkafka's `oauth_cb`."""
+        return self._generate()
+
+    async def token(self) -> str:
+        return (await asyncio.to_thread(self._generate))[0]
 
 
 class ClientCredentialsToken(AbstractTokenProvider):
