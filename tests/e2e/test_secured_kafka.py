@@ -13,7 +13,6 @@ Not SASL: the embedded broker (Tansu 0.6.0) cannot hold a SCRAM user, see
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -22,13 +21,10 @@ from pathlib import Path
 import pytest
 
 from integration.harness import (
-    Sender,
-    assert_exact,
-    assert_ledger_integrity,
     db_pool,
     fleet,
     read_dlq,
-    wait_for_ledger,
+    send_until_exact,
     wait_for_owners,
     wait_until,
 )
@@ -42,7 +38,7 @@ from meterline.stripe.transport import Stripe
 from meterline.webhooks.bridge import start_bridge
 from meterline.webhooks.signing_secrets import SigningSecrets
 
-from .test_stripe_end_to_end import ledger_by_meter, stripe_by_meter
+from .test_stripe_end_to_end import stripe_by_meter, wait_for_stripe_to_equal_ledger
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -93,18 +89,8 @@ async def test_pipeline_is_exact_over_mutual_tls(
                             {"customer": stripe_ids[buyer], "credits": "90", "amount": 9000})
                 gen = LoadGenerator(settings, customer_ids(CUSTOMERS), duplicates=0.05, late=0,
                                     invalid=0.05, seed=29)
-                with Sender(gen, rate=400) as sender:
-                    await asyncio.sleep(6)
-                    sender.stop()
-                snap = await wait_for_ledger(pool, gen, timeout=60, workers=services, settle=1.5)
-                assert_exact(snap, gen)
-                await assert_ledger_integrity(pool, gen.stats.events_sent)
-                want = await ledger_by_meter(pool, settings)
-
-                async def stripe_matches() -> bool:
-                    return stripe_by_meter(emu) == want
-                await wait_until(stripe_matches, timeout=60, what="Stripe totals = ledger",
-                                 workers=services)
+                await send_until_exact(pool, gen, rate=400, seconds=6, workers=services)
+                want = await wait_for_stripe_to_equal_ledger(pool, settings, emu, services)
 
                 async def purchase_granted() -> list[tuple[str, Decimal]]:
                     rows = await pool.fetch(

@@ -34,7 +34,8 @@ from meterline.kafka.security import KafkaTarget
 __all__ = [
     "FakeClock", "Fleet", "Message", "Record", "Sample", "Sender", "assert_exact",
     "assert_ledger_integrity", "compare", "db_pool", "fleet", "metric_value", "owners", "read_dlq",
-    "read_messages", "scrape", "snapshot", "wait_for_ledger", "wait_for_owners", "wait_until",
+    "read_messages", "scrape", "send_until_exact", "snapshot", "wait_for_ledger",
+    "wait_for_owners", "wait_until",
     "write_settings",
 ]
 
@@ -277,6 +278,21 @@ async def assert_ledger_integrity(pool: asyncpg.Pool, events_sent: int) -> None:
         FROM balances b LEFT JOIN ledger_entries l USING (customer_id)
         GROUP BY b.customer_id, b.balance HAVING b.balance <> coalesce(sum(l.amount), 0)""")
     assert not off, f"balances differ from their ledger: {[dict(r) for r in off[:5]]}"
+
+
+async def send_until_exact(
+    pool: asyncpg.Pool, gen: LoadGenerator, *, rate: float, seconds: float, workers: Fleet,
+    timeout: float = 60,
+) -> Snapshot:
+    """Send `gen`'s events at `rate` for `seconds`, wait for the ledger to take them all and
+    assert it is exact and consistent (`assert_exact`, `assert_ledger_integrity`)."""
+    with Sender(gen, rate) as sender:
+        await asyncio.sleep(seconds)
+        sender.stop()
+    snap = await wait_for_ledger(pool, gen, timeout=timeout, workers=workers, settle=1.5)
+    assert_exact(snap, gen)
+    await assert_ledger_integrity(pool, gen.stats.events_sent)
+    return snap
 
 
 # --- sending ----------------------------------------------------------------------------
