@@ -1,14 +1,16 @@
-"""The whole pipeline on a broker that only speaks mutually authenticated TLS.
+"""The whole pipeline on a secured broker: SASL_SSL + SCRAM-SHA-512, and mutual TLS.
 
 Processor (with its DLQ writer), outbox relay, Stripe sink (against the emulator), webhook
-bridge and ledger consumer all reach the broker only through `kafka:` security settings
-(security_protocol SSL, CA file, client certificate and key): the broker advertises only
-its TLS address, and a client without the CA or a certificate cannot connect there
-(tests/integration/test_kafka_tls.py). Checked: the ledger is exact, bad input is in the
-DLQ, Stripe equals the ledger, and a Stripe purchase became exactly one grant.
+bridge and ledger consumer all reach the broker only through `kafka:` security settings:
+the broker advertises only its TLS address, where a client without the CA, the client
+certificate (mTLS) or a SCRAM login (SASL_SSL) gets nothing
+(tests/integration/test_kafka_tls.py). The SCRAM password reaches the service processes
+the way production passes it, through `kafka.sasl_password_file`. Checked: the ledger is
+exact, bad input is in the DLQ, Stripe equals the ledger, and a Stripe purchase became
+exactly one grant.
 
-Not SASL: the embedded broker (Tansu 0.6.0) cannot hold a SCRAM user, see
-`test_scram_login_and_a_wrong_password_against_the_embedded_broker`.
+The SCRAM login is checked by the TLS terminator in front of the embedded broker
+(tests/integration/scram_gate.py): Tansu 0.6.0 cannot hold SCRAM users itself.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from integration.harness import (
     wait_for_owners,
     wait_until,
 )
-from integration.tls import Pki, TlsTerminator, make_pki, tls_broker
+from integration.scram_gate import ScramUsers
+from integration.tls import TlsTerminator, make_pki, tls_broker
 from meterline.config import Settings
-from meterline.devstack.embedded import EmbeddedKafka
 from meterline.devstack.load import LoadGenerator, customer_ids
 from meterline.stripe.emulator import StripeEmulator, serve
 from meterline.stripe.provision import ensure_customers, ensure_meters
@@ -45,27 +47,39 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 CUSTOMERS = 12
 
 
-@pytest.fixture
-def mtls(tmp_path: Path) -> Iterator[tuple[Pki, TlsTerminator]]:
+@pytest.fixture(params=["sasl_ssl_scram", "mtls"])
+def secured_broker(request: pytest.FixtureRequest,
+                   tmp_path: Path) -> Iterator[tuple[dict[str, str], TlsTerminator]]:
+    """(the `kafka:` security settings for it, the broker's TLS front door)."""
     pki = make_pki(tmp_path / "pki")
-    with tls_broker(tmp_path / "kafka", pki, require_client_cert=True) as (broker, terminator):
-        assert isinstance(broker, EmbeddedKafka)
-        yield pki, terminator
+    if request.param == "mtls":
+        with tls_broker(tmp_path / "kafka", pki, require_client_cert=True) as (_, terminator):
+            yield {"security_protocol": "SSL", "ssl_ca_file": str(pki.ca),
+                   "ssl_cert_file": str(pki.client_cert),
+                   "ssl_key_file": str(pki.client_key)}, terminator
+        return
+    password = tmp_path / "kafka-password"
+    password.write_text("e2e-" + uuid.uuid4().hex + "\n")
+    users = ScramUsers("SCRAM-SHA-512", {"meterline": password.read_text().strip()})
+    with tls_broker(tmp_path / "kafka", pki, scram=users) as (_, terminator):
+        yield {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+               "sasl_username": "meterline", "sasl_password_file": str(password),
+               "ssl_ca_file": str(pki.ca)}, terminator
+        assert users.logins > 0 and users.failed_logins == 0
 
 
-async def test_pipeline_is_exact_over_mutual_tls(
-    pipeline_settings: Callable[..., Settings], mtls: tuple[Pki, TlsTerminator],
+async def test_pipeline_is_exact_on_a_secured_broker(
+    pipeline_settings: Callable[..., Settings],
+    secured_broker: tuple[dict[str, str], TlsTerminator],
     tmp_path: Path, unique_topic_prefix: str,
 ) -> None:
-    pki, terminator = mtls
+    security, terminator = secured_broker
     emu = StripeEmulator(seed=21)
     runner = await serve("127.0.0.1", 0, emu)
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     settings = pipeline_settings(
         customers=CUSTOMERS,
-        kafka={"bootstrap_servers": terminator.address, "security_protocol": "SSL",
-               "ssl_ca_file": str(pki.ca), "ssl_cert_file": str(pki.client_cert),
-               "ssl_key_file": str(pki.client_key)},
+        kafka={"bootstrap_servers": terminator.address, **security},
         stripe={"api_base": url, "coalesce_interval_seconds": 2, "seal_grace_seconds": 0.5,
                 "retry_base_seconds": 0.05, "retry_max_seconds": 1, "poll_interval_ms": 50,
                 "lease_seconds": 5, "metrics_port": 0,
@@ -107,5 +121,5 @@ async def test_pipeline_is_exact_over_mutual_tls(
     assert stripe_by_meter(emu) == want and want
     assert grants == [(buyer, Decimal(90))]
     assert sum(dlq.values()) == gen.stats.invalid_sent > 0
-    assert terminator.handshake_failures == 0  # every client presented a trusted certificate
+    assert terminator.handshake_failures == 0  # every client trusted the broker (and vice versa)
 

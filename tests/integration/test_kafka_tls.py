@@ -1,8 +1,10 @@
 """Every kind of Kafka client meterline makes, over TLS to a real broker, configured only
 through `kafka:` (meterline.kafka.security); and the start-up check failing fast, in one
-line, on a certificate it must not trust.
+line, on a certificate it must not trust or a password that is wrong.
 
-SASL is not exercised against the embedded broker, see `test_sasl_scram_against_the_embedded_broker`.
+SCRAM logins are checked by the terminator in front of the broker (scram_gate.py), as
+the embedded broker cannot hold SCRAM users: see
+`test_scram_login_and_a_wrong_password_against_the_embedded_broker`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from confluent_kafka import Producer
+from pydantic import SecretStr
 
+from integration.scram_gate import ScramUsers
 from integration.tls import Pki, TlsTerminator, make_pki, tls_broker
 from meterline.config import KafkaConfig
 from meterline.devstack.dev import read_topic
@@ -162,9 +166,51 @@ def test_scram_login_and_a_wrong_password_against_the_embedded_broker(tmp_path: 
         check_kafka(scram, timeout_s=10)
         started = time.monotonic()
         with pytest.raises(Unreachable) as info:
-            check_kafka(scram.model_copy(update={"sasl_password": "wrong"}), timeout_s=30)
+            check_kafka(scram.model_copy(update={"sasl_password": SecretStr("wrong")}),
+                        timeout_s=30)
         assert time.monotonic() - started < 10
         assert "refused us" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_scram_over_tls_logs_in_every_client_and_a_wrong_password_fails_fast(
+    tmp_path: Path, pki: Pki, mechanism: str,
+) -> None:
+    users = ScramUsers(mechanism, {"meterline": "s3cret"})
+    with tls_broker(tmp_path / "kafka", pki, scram=users) as (_, terminator):
+        kafka = KafkaConfig(bootstrap_servers=terminator.address, security_protocol="SASL_SSL",
+                            sasl_mechanism=mechanism, sasl_username="meterline",
+                            sasl_password="s3cret", ssl_ca_file=pki.ca)
+        topic = f"scram-{uuid.uuid4().hex[:8]}"
+        check_kafka(kafka, timeout_s=10)
+        create_topics(kafka, {topic: 1})
+
+        async def round_trip() -> list[bytes]:
+            producer = AIOKafkaProducer(**aiokafka_config(kafka))
+            await producer.start()
+            try:
+                await producer.send_and_wait(topic, b"over SCRAM")
+            finally:
+                await producer.stop()
+            return [m.value() or b"" for m in read_topic(kafka, topic, quiet_seconds=1.0)]
+
+        assert asyncio.run(round_trip()) == [b"over SCRAM"]
+        assert users.logins >= 3 and users.failed_logins == 0
+
+        wrong = kafka.model_copy(update={"sasl_password": SecretStr("not-the-password")})
+        started = time.monotonic()
+        with pytest.raises(Unreachable) as info:
+            check_kafka(wrong, timeout_s=30)
+        took = time.monotonic() - started
+
+    message = str(info.value)
+    assert took < 10, f"took {took:.1f} s: a refused login must not wait for the timeout"
+    assert "\n" not in message and "not-the-password" not in message
+    assert message.startswith(
+        f"Kafka at {terminator.address} (SASL_SSL {mechanism} user meterline) refused us")
+    assert "Authentication failed: invalid credentials" in message
+    assert "kafka.sasl_username and the password" in message
+    assert users.failed_logins >= 1
 
 
 def test_cli_with_an_untrusted_certificate_exits_with_one_line(

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from integration.scram_gate import ScramUsers
 from meterline.devstack.embedded import EmbeddedKafka
 
 
@@ -80,7 +81,9 @@ class TlsTerminator:
     clear. Runs its own event loop in a thread, so sync and async clients and subprocesses
     can all connect. `client_ca` set = clients must present a certificate it signed."""
 
-    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None,
+                 scram: ScramUsers | None = None) -> None:
+        self.scram = scram  # set: every connection must log in first (scram_gate.py)
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(cert, key)
         if client_ca is not None:
@@ -141,6 +144,11 @@ class TlsTerminator:
         except OSError:
             writer.close()
             return
+        if self.scram is not None and not await self.scram.authenticate(
+                reader, writer, up_reader, up_writer):
+            writer.close()
+            up_writer.close()
+            return
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
@@ -158,10 +166,12 @@ class TlsTerminator:
 
 @contextlib.contextmanager
 def tls_broker(work_dir: Path, pki: Pki, *, cert: Path | None = None, key: Path | None = None,
-               require_client_cert: bool = False) -> Iterator[tuple[EmbeddedKafka, TlsTerminator]]:
-    """An embedded broker reachable only through TLS at `terminator.address`."""
+               require_client_cert: bool = False, scram: ScramUsers | None = None,
+               ) -> Iterator[tuple[EmbeddedKafka, TlsTerminator]]:
+    """An embedded broker reachable only through TLS at `terminator.address` (and, with
+    `scram`, only after a SCRAM login)."""
     with TlsTerminator(cert or pki.server_cert, key or pki.server_key,
-                       pki.ca if require_client_cert else None) as terminator:
+                       pki.ca if require_client_cert else None, scram) as terminator:
         kafka = EmbeddedKafka(work_dir, advertised=terminator.address)
         with kafka:
             terminator.upstream_port = kafka.port
