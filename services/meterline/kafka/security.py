@@ -22,13 +22,14 @@ import ssl
 import time
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka.abc import AbstractTokenProvider
-from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
-from faust.types.auth import CredentialsT
 
 from meterline.config import KafkaConfig
+
+if TYPE_CHECKING:
+    from faust.types.auth import CredentialsT
 
 # Refresh an OAuth token when this share of its lifetime is left (the broker drops a
 # session whose token expired; refreshing early keeps a slow token endpoint off the path).
@@ -117,6 +118,9 @@ def aiokafka_security(kafka: KafkaConfig) -> dict[str, Any]:
 def faust_credentials(kafka: KafkaConfig) -> CredentialsT | None:
     """Faust's `broker_credentials` for `kafka` (None = PLAINTEXT); Faust hands them to
     every aiokafka client it makes (consumer, producer, admin)."""
+    # Imported here: loading Faust costs ~0.5 s, and only the processor needs it.
+    from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
+
     context = ssl_context(kafka)
     mech = kafka.sasl_mechanism
     if mech == "OAUTHBEARER":
