@@ -197,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="webhook bridge requests/s and latency with signature verification")
     which.add_argument("--api", action="store_true",
                        help="balance and entitlement API latency under load")
+    which.add_argument("--dedupe", action="store_true",
+                       help="the dedupe reservation path alone as history grows, old design vs new")
+    p.add_argument("--dedupe-marks", default="0,2000000,5000000,10000000",
+                   help="--dedupe: mark counts (history) to measure at, comma-separated")
+    p.add_argument("--dedupe-batches", type=int, default=30,
+                   help="--dedupe: timed batches of 10,000 reservations per mark count")
     p.add_argument("--stripe-rate", type=float, default=200,
                    help="--stripe: the sink's configured v1 rate limit, requests/s")
     p.add_argument("--stripe-v2-rate", type=float, default=20,

@@ -244,7 +244,7 @@ async def _main(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: 
 
 
 def run(args: argparse.Namespace) -> int:
-    """`meterline bench`: the core pipeline by default; `--stripe`, `--bridge`, `--api` pick one."""
+    """`meterline bench`: the core pipeline by default; `--stripe`, `--bridge`, `--api`, `--dedupe` pick one."""
     if getattr(args, "stripe", False):
         from meterline.devstack import bench_stripe
 
@@ -257,6 +257,10 @@ def run(args: argparse.Namespace) -> int:
         from meterline.devstack import bench_api
 
         return bench_api.run(args)
+    if getattr(args, "dedupe", False):
+        from meterline.devstack import bench_dedupe
+
+        return bench_dedupe.run(args)
     return _run_core(args)
 
 
