@@ -109,8 +109,7 @@ async def reserve(
         # "no partition of relation found for row": a day before the oldest partition
         # (a late event after a short opt-out horizon dropped it) or past the days made
         # ahead (housekeeping not running). Create the days and try once more.
-        days = {s // DAY_MS for s in starts}
-        await add_days(conn, _day(min(days)), _day(max(days)))
+        await add_days_of(conn, starts)
         rows = await conn.fetch(RESERVE, *args)
     return {(r[0], r[1]) for r in rows}
 
@@ -127,6 +126,11 @@ async def add_days(conn: asyncpg.Connection | asyncpg.Pool, first: date, last: d
         await conn.execute(ADD_DAYS, first, last)
     except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
         await conn.execute(ADD_DAYS, first, last)  # another worker created one concurrently
+
+
+async def add_days_of(conn: asyncpg.Connection | asyncpg.Pool, window_starts: Sequence[int]) -> None:
+    """Create the partitions of the days from the first to the last of `window_starts`."""
+    await add_days(conn, _day(min(window_starts) // DAY_MS), _day(max(window_starts) // DAY_MS))
 
 
 async def retain(conn: asyncpg.Connection | asyncpg.Pool, now: datetime,
