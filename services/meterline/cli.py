@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customers", type=int, default=1000)
     p.add_argument("--baseline-events", type=int, default=20_000)
     p.add_argument("--json", dest="json_path", help="also write results to this file")
+    p.add_argument("--history-events", type=int, default=0,
+                   help="also run each shape on a database holding the dedupe state of N past events")
     p.add_argument("--skip-baseline", action="store_true", help="skip the naive Faust baseline")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--stripe", action="store_true",

@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 
 from meterline.devstack.bench import run_bench, servers
+from meterline.devstack.history import DEDUPE_TABLES, relation_bytes
 from meterline.storage import dedupe
 from meterline.storage.db import migrate, with_database
 
@@ -86,15 +87,6 @@ INSERT INTO flush_tokens (token) SELECT generate_series($1::bigint / 10000, ($2:
 """
 
 
-async def _size(conn: asyncpg.Connection, tables: tuple[str, ...]) -> int:
-    """Bytes of `tables` and their partitions and indexes."""
-    return int(await conn.fetchval("""
-        SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c
-        WHERE c.relkind = 'r' AND (c.relname = ANY($1::text[]) OR EXISTS (
-            SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
-            WHERE i.inhrelid = c.oid AND p.relname = ANY($1::text[])))""", list(tables)))
-
-
 async def _measure(conn: asyncpg.Connection, legacy: bool, batches: int, now_ms: int) -> float:
     """Reservations per second for `batches` batches of new keys, each confirmed after.
 
@@ -133,7 +125,7 @@ async def _design(server_dsn: str, name: str, legacy: bool, levels: list[int],
     dsn = with_database(server_dsn, name)
     await migrate(dsn)
     conn = await asyncpg.connect(dsn)
-    tables = ("legacy_marks", "legacy_tokens") if legacy else ("dedupe_marks", "flush_tokens")
+    tables = ("legacy_marks", "legacy_tokens") if legacy else DEDUPE_TABLES
     rows: list[dict[str, Any]] = []
     try:
         if legacy:
@@ -158,7 +150,7 @@ async def _design(server_dsn: str, name: str, legacy: bool, levels: list[int],
             await conn.execute("VACUUM ANALYZE")
             rate = await _measure(conn, legacy, batches, now_ms)
             marks = level + (batches + 1) * BATCH * (len(rows) + 1)
-            size = await _size(conn, tables)
+            size = await relation_bytes(conn, tables)
             row = {"marks": level, "reservations_per_second": round(rate),
                    "bytes_per_mark": round(size / marks, 1), "fill_seconds": round(fill_s, 1)}
             print(f"[dedupe {name}] {row}", file=sys.stderr)

@@ -77,3 +77,15 @@ async def _copy(conn: asyncpg.Connection, rows: list[tuple[int, bytes, int, int,
         await conn.execute(
             "INSERT INTO flush_tokens (token) SELECT t FROM unnest($1::bigint[]) AS t "
             "WHERE NOT EXISTS (SELECT 1 FROM flush_tokens f WHERE f.token = t)", list(tokens))
+
+
+DEDUPE_TABLES = ("dedupe_marks", "flush_tokens")
+
+
+async def relation_bytes(conn: asyncpg.Connection, tables: tuple[str, ...] = DEDUPE_TABLES) -> int:
+    """Bytes on disk of `tables`, their partitions and their indexes."""
+    return int(await conn.fetchval("""
+        SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c
+        WHERE c.relkind = 'r' AND (c.relname = ANY($1::text[]) OR EXISTS (
+            SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+            WHERE i.inhrelid = c.oid AND p.relname = ANY($1::text[])))""", list(tables)))
