@@ -114,65 +114,93 @@ async def _measure(conn: asyncpg.Connection, legacy: bool, batches: int, now_ms:
     return n * batches / elapsed
 
 
-async def _design(server_dsn: str, name: str, legacy: bool, levels: list[int],
-                  batches: int) -> dict[str, Any]:
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    dsn = with_database(server_dsn, name)
-    await migrate(dsn)
-    conn = await asyncpg.connect(dsn)
-    tables = ("legacy_marks", "legacy_tokens") if legacy else DEDUPE_TABLES
-    rows: list[dict[str, Any]] = []
-    try:
-        if legacy:
-            await conn.execute(LEGACY_SCHEMA)
-        now_ms = int(time.time() * 1000)
-        total = max(levels) or 1
-        filled = 0
-        for level in levels:
-            started = time.perf_counter()
-            for lo in range(filled, level, 1_000_000):  # in slices: one transaction each
-                hi = min(lo + 1_000_000, level)
-                if legacy:
-                    await conn.execute(LEGACY_FILL, lo, hi)
-                    await conn.execute(LEGACY_FILL_TOKENS, lo, hi)
-                else:
-                    await conn.execute(WINDOW_FILL, lo, hi, now_ms - HORIZON_MS,
-                                       HORIZON_MS - dedupe.DAY_MS, total)
-                    await conn.execute(WINDOW_FILL_TOKENS, lo, hi)
-            filled = level
-            fill_s = time.perf_counter() - started
-            await conn.execute("CHECKPOINT")
-            await conn.execute("VACUUM ANALYZE")
-            rate = await _measure(conn, legacy, batches, now_ms)
-            marks = level + (batches + 1) * BATCH * (len(rows) + 1)
-            size = await relation_bytes(conn, tables)
-            row = {"marks": level, "reservations_per_second": round(rate),
-                   "bytes_per_mark": round(size / marks, 1), "fill_seconds": round(fill_s, 1)}
-            print(f"[dedupe {name}] {row}", file=sys.stderr)
-            rows.append(row)
-    finally:
-        await conn.close()
-    return {"levels": rows}
+class Design:
+    """One schema in its own database, filled up to a mark count and measured there."""
+
+    def __init__(self, name: str, legacy: bool) -> None:
+        self.name, self.legacy = name, legacy
+        self.tables = ("legacy_marks", "legacy_tokens") if legacy else DEDUPE_TABLES
+        self.filled = 0
+        self.measured = 0  # marks written by the timed batches
+        self.conn: asyncpg.Connection | None = None
+
+    async def open(self, server_dsn: str) -> None:
+        db = f"bench_dedupe_{self.name}"
+        admin = await asyncpg.connect(server_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{db}"')
+            await admin.execute(f'CREATE DATABASE "{db}"')
+        finally:
+            await admin.close()
+        dsn = with_database(server_dsn, db)
+        await migrate(dsn)
+        self.conn = await asyncpg.connect(dsn)
+        if self.legacy:
+            await self.conn.execute(LEGACY_SCHEMA)
+
+    async def fill(self, level: int, total: int, now_ms: int) -> float:
+        """Bulk-load history up to `level` marks (in one-million slices); return the seconds it took."""
+        assert self.conn is not None
+        started = time.perf_counter()
+        for lo in range(self.filled, level, 1_000_000):
+            hi = min(lo + 1_000_000, level)
+            if self.legacy:
+                await self.conn.execute(LEGACY_FILL, lo, hi)
+                await self.conn.execute(LEGACY_FILL_TOKENS, lo, hi)
+            else:
+                await self.conn.execute(WINDOW_FILL, lo, hi, now_ms - HORIZON_MS,
+                                        HORIZON_MS - dedupe.DAY_MS, total)
+                await self.conn.execute(WINDOW_FILL_TOKENS, lo, hi)
+        self.filled = level
+        await self.conn.execute("CHECKPOINT")
+        await self.conn.execute("VACUUM ANALYZE")
+        return time.perf_counter() - started
+
+    async def measure(self, batches: int, now_ms: int) -> float:
+        assert self.conn is not None
+        rate = await _measure(self.conn, self.legacy, batches, now_ms)
+        self.measured += (batches + 1) * BATCH
+        return rate
+
+    async def bytes_per_mark(self) -> float:
+        assert self.conn is not None
+        return await relation_bytes(self.conn, self.tables) / (self.filled + self.measured)
 
 
 async def _main(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: Path) -> dict[str, Any]:
+    """Both designs at each mark count, measured alternately (A B B A) so load on the
+    shared machine weighs on both alike; the rate reported is the mean of the two rounds."""
     _, server_dsn = servers(stack, workdir)
     levels = sorted(int(x) for x in args.dedupe_marks.split(","))
+    designs = [Design("row_per_event_001", True), Design("window_partitioned_020", False)]
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "batch_size": BATCH,
-                               "batches_per_level": args.dedupe_batches}
-    for name, legacy in (("row_per_event_001", True), ("window_partitioned_020", False)):
-        results[name] = await _design(server_dsn, f"bench_dedupe_{name}", legacy, levels,
-                                      args.dedupe_batches)
-    new, old = results["window_partitioned_020"]["levels"], results["row_per_event_001"]["levels"]
-    results["new_at_max_vs_empty"] = round(
-        new[-1]["reservations_per_second"] / new[0]["reservations_per_second"], 3)
-    results["old_at_max_vs_empty"] = round(
-        old[-1]["reservations_per_second"] / old[0]["reservations_per_second"], 3)
+                               "batches_per_level": args.dedupe_batches, "order": "A B B A"}
+    now_ms = int(time.time() * 1000)
+    try:
+        for d in designs:
+            await d.open(server_dsn)
+            results[d.name] = {"levels": []}
+        for level in levels:
+            fills = [await d.fill(level, max(levels) or 1, now_ms) for d in designs]
+            rates: dict[str, list[float]] = {d.name: [] for d in designs}
+            for d in (*designs, *reversed(designs)):
+                rates[d.name].append(await d.measure(args.dedupe_batches, now_ms))
+            for d, fill_s in zip(designs, fills, strict=True):
+                row = {"marks": level,
+                       "reservations_per_second": round(sum(rates[d.name]) / 2),
+                       "rounds": [round(r) for r in rates[d.name]],
+                       "bytes_per_mark": round(await d.bytes_per_mark(), 1),
+                       "fill_seconds": round(fill_s, 1)}
+                print(f"[dedupe {d.name}] {row}", file=sys.stderr)
+                results[d.name]["levels"].append(row)
+    finally:
+        for d in designs:
+            if d.conn is not None:
+                await d.conn.close()
+    for d in designs:
+        rows = results[d.name]["levels"]
+        results[d.name]["at_most_vs_empty"] = round(
+            rows[-1]["reservations_per_second"] / rows[0]["reservations_per_second"], 3)
     return results
 
 
