@@ -118,7 +118,9 @@ async def test_retention_drops_whole_day_partitions_after_the_horizon(pool: asyn
     assert await _reserve(pool, [b"old"], SLOT_A, 1, 100, window=old_window) == {b"old"}
     assert await _reserve(pool, [b"new"], SLOT_A, 1, 101) == {b"new"}
 
-    dropped = await retain(pool, now, horizon)
+    retention = await retain(pool, now, horizon)
+    dropped = retention.dropped
+    assert retention.days_ahead == DAYS_AHEAD
 
     old_day = datetime.fromtimestamp(old_window / 1000, UTC).strftime("%Y%m%d")
     assert f"dedupe_marks_{old_day}" in dropped
@@ -133,4 +135,4 @@ async def test_retention_drops_whole_day_partitions_after_the_horizon(pool: asyn
     # the horizon's days are all kept: a 35-day-old window still finds its marks' partition
     kept = (now - horizon).strftime("%Y%m%d")
     assert await pool.fetchval("SELECT to_regclass($1)", f"dedupe_marks_{kept}") is not None
-    assert await retain(pool, now, horizon) == []  # idempotent
+    assert (await retain(pool, now, horizon)).dropped == []  # idempotent

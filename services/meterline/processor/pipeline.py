@@ -541,7 +541,10 @@ class Pipeline:
             expired = await expire_grants(conn, now, self.policy.balance_changes_topic,
                                           self.policy.thresholds)
             metrics.GRANTS_EXPIRED.inc(expired)
-            for table in await retain(conn, now, self.dedupe_horizon):
+            retention = await retain(conn, now, self.dedupe_horizon)
+            metrics.DEDUPE_DAYS_AHEAD.set(retention.days_ahead)
+            metrics.DEDUPE_PARTITIONS_DROPPED.inc(len(retention.dropped))
+            for table in retention.dropped:
                 log.info("dedupe retention: dropped %s (past the %s horizon)", table,
                          self.dedupe_horizon)
             if self.settings.processor.require_known_customers:

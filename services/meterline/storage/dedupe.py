@@ -56,6 +56,7 @@ with one `flush_tokens` row. The rules that keep this exactly-once:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 import asyncpg
@@ -84,6 +85,13 @@ CONFIRM = "INSERT INTO flush_tokens (token) SELECT unnest($1::bigint[])"
 
 ADD_DAYS = "SELECT dedupe_add_days($1::date, $2::date)"
 DROP_DAYS = "SELECT dedupe_drop_days($1::date, $2::date)"
+# The last day that has both a marks and a tokens partition.
+LAST_DAY = """
+SELECT least(max(to_date(right(c.relname, 8), 'YYYYMMDD')) FILTER (WHERE p.relname = 'dedupe_marks'),
+             max(to_date(right(c.relname, 8), 'YYYYMMDD')) FILTER (WHERE p.relname = 'flush_tokens'))
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent
+WHERE p.relname IN ('dedupe_marks', 'flush_tokens')
+"""
 
 Identity = tuple[int, bytes]  # (window start in ms, blake2b of (source, id))
 
@@ -133,9 +141,15 @@ async def add_days_of(conn: asyncpg.Connection | asyncpg.Pool, window_starts: Se
     await add_days(conn, _day(min(window_starts) // DAY_MS), _day(max(window_starts) // DAY_MS))
 
 
+@dataclass(frozen=True, slots=True)
+class Retention:
+    dropped: list[str]  # tables dropped, oldest day first
+    days_ahead: int  # days after today that have a partition for marks and for tokens
+
+
 async def retain(conn: asyncpg.Connection | asyncpg.Pool, now: datetime,
-                 horizon: timedelta) -> list[str]:
-    """Housekeeping: make the next days' partitions, drop the expired ones; return those dropped.
+                 horizon: timedelta) -> Retention:
+    """Housekeeping: make the next days' partitions, drop the expired ones.
 
     Dropping a partition is a catalog change, whatever its size: retention never
     deletes rows.
@@ -145,7 +159,8 @@ async def retain(conn: asyncpg.Connection | asyncpg.Pool, now: datetime,
     oldest_kept = now - horizon
     rows = await conn.fetch(DROP_DAYS, (oldest_kept - MARKS_MARGIN).date(),
                             (oldest_kept - TOKENS_MARGIN).date())
-    return [r[0] for r in rows]
+    last = await conn.fetchval(LAST_DAY)
+    return Retention([r[0] for r in rows], (last - today).days if last else -1)
 
 
 def _day(epoch_day: int) -> date:
