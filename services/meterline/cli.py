@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customers", type=int, default=1000)
     p.add_argument("--baseline-events", type=int, default=20_000)
     p.add_argument("--json", dest="json_path", help="also write results to this file")
+    p.add_argument("--history-events", type=int, default=0,
+                   help="also run each shape on a database holding the dedupe state of N past events")
     p.add_argument("--skip-baseline", action="store_true", help="skip the naive Faust baseline")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--stripe", action="store_true",
@@ -206,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="webhook bridge requests/s and latency with signature verification")
     which.add_argument("--api", action="store_true",
                        help="balance and entitlement API latency under load")
+    which.add_argument("--dedupe", action="store_true",
+                       help="the dedupe reservation path alone as history grows, old design vs new")
+    p.add_argument("--dedupe-marks", default="0,2000000,5000000,10000000",
+                   help="--dedupe: mark counts (history) to measure at, comma-separated")
+    p.add_argument("--dedupe-batches", type=int, default=30,
+                   help="--dedupe: timed batches of 10,000 reservations per mark count")
     p.add_argument("--stripe-rate", type=float, default=200,
                    help="--stripe: the sink's configured v1 rate limit, requests/s")
     p.add_argument("--stripe-v2-rate", type=float, default=20,

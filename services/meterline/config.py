@@ -217,7 +217,10 @@ class ProcessorConfig(_Frozen):
     # A window closes when the processing-time clock passes its end plus this grace.
     window_grace_ms: int = Field(default=1_000, ge=0)
     flush_interval_ms: int = Field(default=250, ge=10)
-    dedupe_horizon_hours: float = Field(default=24, gt=0)
+    # How long dedupe marks are kept. None (the default): max_lateness_days, so a
+    # duplicate is never debited twice while its original could still be accepted.
+    # A shorter value is an explicit opt-out of that guarantee; start-up warns.
+    dedupe_horizon_hours: float | None = Field(default=None, gt=0)
     # Stripe rejects meter events older than 35 days; so do we (DLQ reason too_old).
     max_lateness_days: float = Field(default=35, gt=0)
     # Stripe rejects timestamps more than 5 minutes ahead; so do we (future_timestamp).

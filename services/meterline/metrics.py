@@ -42,6 +42,14 @@ CHECKPOINT_OFFSET = Gauge(
     "meterline_checkpoint_offset", "Next offset committed to Postgres, per partition", ["partition"]
 )
 OWNED_PARTITIONS = Gauge("meterline_owned_partitions", "Usage-topic partitions this worker owns")
+DEDUPE_DAYS_AHEAD = Gauge(
+    "meterline_dedupe_days_ahead",
+    "Days after today that already have dedupe partitions (housekeeping makes 3 ahead)",
+)
+DEDUPE_PARTITIONS_DROPPED = Counter(
+    "meterline_dedupe_partitions_dropped_total",
+    "Dedupe day partitions (marks, tokens) dropped after the dedupe horizon",
+)
 INTAKE_GAPS = Counter(
     "meterline_intake_gaps_total",
     "Runs fetched past the next unhandled record (an abandoned run): the partition was sought back",

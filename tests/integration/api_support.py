@@ -136,10 +136,11 @@ async def flush_events(settings: Settings, db: asyncpg.Pool,
               for i, (customer, meter, at, value) in enumerate(usage)]
     windows.add(partition, events, claim.next_offset + len(events), ms(now) + 10**9)
     for buf in windows.buffers():
-        keys = [e.dedupe_key for e in buf.events]
+        keys = [(buf.key.start_ms, e.dedupe_key) for e in buf.events]
         ours = await reserve(db, keys, [claim.slot] * len(keys), [claim.epoch] * len(keys),
                              [buf.token] * len(keys))
-        assert buf.settle_reservation(len(keys), set(keys) - ours) == 0
+        assert ours == set(keys)
+        assert buf.settle_reservation(len(keys), set()) == 0
     closable = windows.take_closable(ms(now) + 10**9)
     async with db.acquire() as conn:
         return await flush(conn, closable, {partition: claim.epoch}, policy, now)

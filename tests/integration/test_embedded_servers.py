@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from urllib.parse import urlsplit
 
@@ -9,7 +10,7 @@ import asyncpg
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from meterline.devstack.embedded import create_topics
+from meterline.devstack.embedded import POSTGRES_SETTINGS, create_topics
 
 pytestmark = pytest.mark.integration
 
@@ -83,3 +84,20 @@ async def test_fresh_database_is_usable_and_empty(fresh_database: str) -> None:
         assert await conn.fetchval("SELECT sum(id) FROM t") == 45
     finally:
         await conn.close()
+
+
+async def test_embedded_postgres_runs_with_the_write_pattern_settings(fresh_database: str) -> None:
+    """The server `make run`, tests and bench start has POSTGRES_SETTINGS in force (not pending)."""
+    if os.environ.get("DATABASE_URL") or "host=/" not in urlsplit(fresh_database).query:
+        pytest.skip("the session's Postgres is not the embedded one (no unix socket)")
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        rows = await conn.fetch(
+            "SELECT name, current_setting(name) AS shown, pending_restart FROM pg_settings "
+            "WHERE name = ANY($1::text[])", list(POSTGRES_SETTINGS))
+    finally:
+        await conn.close()
+    shown = {r["name"]: r["shown"] for r in rows}
+    assert not [r["name"] for r in rows if r["pending_restart"]]
+    expected = dict(POSTGRES_SETTINGS, wal_compression="pglz")  # `on` reads back as pglz (PG 15+)
+    assert shown == expected

