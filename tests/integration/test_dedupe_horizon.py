@@ -91,7 +91,7 @@ async def test_duplicates_are_never_debited_twice_within_the_horizon_and_too_old
     clock = FakeClock(t0_ms / 1000 + 0.5)
     topic = Topic(settings)
     pool = await create_pool(settings.database_url)
-    dlq = DlqWriter(k.bootstrap_servers, k.usage_dlq_topic, k.usage_topic)
+    dlq = DlqWriter(k, k.usage_dlq_topic, k.usage_topic)
     pipeline = Pipeline(settings, pool, dlq, "dedupe-test", clock)
     try:
         await pipeline.maintain()
@@ -149,7 +149,7 @@ async def test_the_original_days_partition_is_dropped_once_past_the_horizon(
     clock = FakeClock(t0_ms / 1000 + 0.5)
     topic = Topic(settings)
     pool = await create_pool(settings.database_url)
-    dlq = DlqWriter(k.bootstrap_servers, k.usage_dlq_topic, k.usage_topic)
+    dlq = DlqWriter(k, k.usage_dlq_topic, k.usage_topic)
     pipeline = Pipeline(settings, pool, dlq, "dedupe-test", clock)
     try:
         await pipeline.claim([0])
