@@ -69,7 +69,7 @@ def _load(args: argparse.Namespace) -> int:
 
 
 def _stripe_emulator(args: argparse.Namespace) -> int:
-    from meterline.stripe.emulator import run
+    from meterline.devstack.stripe_emulator.emulator import run
 
     run(args.host, args.port, args.rate, args.failure_rate)
     return 0

@@ -22,8 +22,8 @@ from meterline.billing.consumer import RunningLedgerConsumer, start
 from meterline.config import Settings
 from meterline.devstack.dev import read_topic
 from meterline.devstack.embedded import EmbeddedKafka
+from meterline.devstack.stripe_emulator import objects
 from meterline.storage.grants import sync_config
-from meterline.stripe import objects
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ import pytest
 from confluent_kafka import Producer
 
 from meterline.config import Settings
-from meterline.stripe.emulator import StripeEmulator, serve
+from meterline.devstack.stripe_emulator.emulator import StripeEmulator, serve
 from meterline.stripe.provision import ensure_customers, ensure_meters
 from meterline.stripe.sink import StripeSink, start_sink, stop_sink
 from meterline.stripe.transport import Stripe
