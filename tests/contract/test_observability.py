@@ -235,7 +235,7 @@ def test_every_alert_is_complete() -> None:
 
 
 @pytest.mark.parametrize(("alert", "metric"), [
-    ("MeterlineConsumerLagGrowing", "meterline_consumer_lag_messages"),
+    ("MeterlineConsumerLagHigh", "meterline_consumer_lag_seconds"),
     ("MeterlineDlqMessages", "meterline_dlq_messages_total"),
     ("MeterlineInvalidEventsSpike", "meterline_events_invalid_total"),
     ("MeterlineProcessorNotCommitting", "meterline_last_flush_commit_timestamp_seconds"),

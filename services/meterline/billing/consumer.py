@@ -32,6 +32,7 @@ from meterline.billing.ledger_actions import Apply, Catalog, Ignore, Reason, Rej
 from meterline.billing.stripe_events import decide, type_label
 from meterline.billing.stripe_ledger import Applied, EventRejected, LedgerPolicy, apply_event
 from meterline.config import Settings
+from meterline.consumer_lag import ConsumerLag, publishing
 from meterline.metrics import run_service
 from meterline.processor import dlq
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, Headers
@@ -126,12 +127,15 @@ class LedgerConsumer:
 
     async def run(self, stop: asyncio.Event) -> None:
         assert self.kafka is not None
-        while not stop.is_set():
-            batches = await self.kafka.getmany(timeout_ms=500)
-            for tp, records in batches.items():
-                next_offset = await self._process_run(records, stop)
-                if next_offset is not None:
-                    await self._commit(tp, next_offset)
+        lag = ConsumerLag(self.settings.ledger_consumer.consumer_group, self.topic)
+        async with publishing(lag, self.kafka) as highwater:
+            while not stop.is_set():
+                batches = await self.kafka.getmany(timeout_ms=500)
+                lag.delivered_batches(batches, highwater, time.time())
+                for tp, records in batches.items():
+                    next_offset = await self._process_run(records, stop)
+                    if next_offset is not None:
+                        await self._commit(tp, next_offset)
 
     async def _process_run(self, records: list[ConsumerRecord], stop: asyncio.Event) -> int | None:
         """Handle one partition's records in order; return the offset that may be committed."""

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -34,6 +35,7 @@ from faust.types import TP
 
 from meterline import metrics
 from meterline.config import Settings
+from meterline.consumer_lag import ConsumerLag
 from meterline.processor.dlq import DlqWriter
 from meterline.processor.pipeline import Pipeline, RecordRun
 from meterline.storage.db import create_pool
@@ -93,6 +95,7 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
 
     pipeline: Pipeline | None = None  # set by MeterlineApp before the worker starts
     usage_topic: str = ""
+    lag: ConsumerLag | None = None  # set by build_app
     _thread: CheckpointedConsumerThread
 
     def _new_consumer_thread(self) -> CheckpointedConsumerThread:
@@ -137,7 +140,8 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
             if self.app.consumer_generation_id != generation_id:
                 return
             last = recs[-1]
-            self._update_lag(tp, last.offset)
+            if tp.topic == self.usage_topic:
+                self._update_lag(tp, last)
             run = RecordRun(tp.partition, tags.get(tp, 0), recs, starts.get(tp))
             yield tp, ConsumerMessage(
                 tp.topic, tp.partition, last.offset, (last.timestamp or 0) / 1000.0,
@@ -146,12 +150,22 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
                 generation_id=generation_id,
             )
 
-    def _update_lag(self, tp: TP, last_offset: int) -> None:
+    def usage_highwater(self, partition: int) -> int | None:
         try:
-            metrics.CONSUMER_LAG.labels(str(tp.partition)).set(
-                max(self.highwater(tp) - last_offset - 1, 0))
-        except Exception:  # noqa: BLE001 - highwater unknown right after assignment
-            pass
+            value: int | None = self.highwater(TP(self.usage_topic, partition))
+        except Exception:  # noqa: BLE001 - unknown right after assignment, or not assigned
+            return None
+        return value
+
+    def usage_partitions(self) -> set[int]:
+        return {tp.partition for tp in self.assignment() if tp.topic == self.usage_topic}
+
+    def _update_lag(self, tp: TP, last: Any) -> None:
+        highwater = self.usage_highwater(tp.partition)
+        if highwater is not None:
+            metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(highwater - last.offset - 1, 0))
+        if self.lag is not None:
+            self.lag.delivered(tp.partition, last.offset, last.timestamp, highwater, time.time())
 
 
 class CheckpointedTransport(faust_aiokafka.Transport):
@@ -188,6 +202,7 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
     )
     topic = app.topic(k.usage_topic, acks=False, value_serializer="raw", key_serializer="raw")
     CheckpointedConsumer.usage_topic = k.usage_topic
+    CheckpointedConsumer.lag = ConsumerLag(k.consumer_group, k.usage_topic)
     owner = worker_id or f"{socket.gethostname()}:{os.getpid()}"
     state: dict[str, Any] = {}
 
@@ -228,6 +243,14 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
         while not app.should_stop:
             await pipeline.flush_tick()
             await asyncio.sleep(interval)
+
+    @app.task
+    async def lag_loop() -> None:
+        await _ready(state)
+        consumer = app.consumer
+        assert isinstance(consumer, CheckpointedConsumer) and consumer.lag is not None
+        await consumer.lag.publish_every(1.0, consumer.usage_partitions,
+                                         consumer.usage_highwater, time.time)
 
     @app.task
     async def maintenance_loop() -> None:

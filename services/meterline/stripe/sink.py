@@ -45,6 +45,7 @@ from circuitbreaker import CircuitBreaker, CircuitBreakerError
 
 from meterline import metrics
 from meterline.config import ConfigError, MeterConfig, Settings
+from meterline.consumer_lag import ConsumerLag, publishing
 from meterline.processor.dlq import DlqWriter, dead_letter_headers
 from meterline.storage.db import create_pool
 from meterline.stripe import reports
@@ -190,24 +191,27 @@ class StripeSink:
         )
         await consumer.start()
         last_commit = 0.0
+        lag = ConsumerLag(self.cfg.consumer_group, k.aggregates_topic)
         try:
-            while not self.stopping.is_set():
-                batches = await consumer.getmany(timeout_ms=self.cfg.poll_interval_ms,
-                                                 max_records=5000)
-                records = [r for recs in batches.values() for r in recs]
-                if records:
-                    await self.stage_batch(records)
-                if time.monotonic() - last_commit >= 1.0:
-                    last_commit = time.monotonic()
-                    try:
-                        await self.commit(consumer)
-                    except Exception as exc:  # noqa: BLE001 - a rebalance; next commit covers it
-                        log.warning("offset commit failed (%s); retrying", type(exc).__name__)
-                        self._committed.clear()
-                    assigned = {tp.partition for tp in consumer.assignment()}
-                    for p in set(self._consumed) - assigned:  # revoked: its new owner resumes
-                        self._consumed.pop(p, None)
-                        self._committed.pop(p, None)
+            async with publishing(lag, consumer) as highwater:
+                while not self.stopping.is_set():
+                    batches = await consumer.getmany(timeout_ms=self.cfg.poll_interval_ms,
+                                                     max_records=5000)
+                    lag.delivered_batches(batches, highwater, time.time())
+                    records = [r for recs in batches.values() for r in recs]
+                    if records:
+                        await self.stage_batch(records)
+                    if time.monotonic() - last_commit >= 1.0:
+                        last_commit = time.monotonic()
+                        try:
+                            await self.commit(consumer)
+                        except Exception as exc:  # noqa: BLE001 - a rebalance; next commit covers it
+                            log.warning("offset commit failed (%s); retrying", type(exc).__name__)
+                            self._committed.clear()
+                        assigned = {tp.partition for tp in consumer.assignment()}
+                        for p in set(self._consumed) - assigned:  # revoked: its new owner resumes
+                            self._consumed.pop(p, None)
+                            self._committed.pop(p, None)
         finally:
             with contextlib.suppress(Exception):
                 await self.commit(consumer)
