@@ -19,8 +19,8 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-from prometheus_client import REGISTRY
 from confluent_kafka import Producer
+from prometheus_client import REGISTRY
 
 from meterline.config import Settings
 from meterline.devstack.stripe_emulator.emulator import StripeEmulator, serve
