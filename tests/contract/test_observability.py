@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 import meterline.metrics as metrics_module
 from meterline.config import load_settings
+from meterline.devstack import prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -111,24 +111,8 @@ def unknown_names(exprs: list[str]) -> dict[str, list[str]]:
 
 # --- what the dashboard and the alerts use --------------------------------------------
 
-def walk_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Every panel, including those inside (collapsed) rows."""
-    for panel in panels:
-        yield panel
-        yield from walk_panels(panel.get("panels") or [])
-
-
 def dashboard_exprs() -> list[str]:
-    exprs = []
-    for panel in walk_panels(DASHBOARD["panels"]):
-        exprs += [t["expr"] for t in panel.get("targets") or [] if t.get("expr")]
-    for variable in DASHBOARD.get("templating", {}).get("list", []):
-        query = variable.get("query")
-        if isinstance(query, dict):
-            query = query.get("query")
-        if variable.get("type") == "query" and query:
-            exprs.append(query)
-    return exprs
+    return prometheus.dashboard_exprs(DASHBOARD)
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -136,7 +120,7 @@ def alert_rules() -> list[dict[str, Any]]:
 
 
 def alert_exprs() -> list[str]:
-    return [rule["expr"] for group in ALERTS["groups"] for rule in group["rules"]]
+    return prometheus.alert_exprs(ALERTS)
 
 
 # --- the checker itself can fail ------------------------------------------------------
@@ -167,7 +151,7 @@ def test_dashboard_is_provisionable() -> None:
     assert DASHBOARD["uid"] == "meterline"
     assert DASHBOARD["title"]
     assert DASHBOARD["schemaVersion"] >= 36
-    panels = list(walk_panels(DASHBOARD["panels"]))
+    panels = list(prometheus.walk_panels(DASHBOARD["panels"]))
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "duplicate panel ids"
     variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
@@ -185,7 +169,7 @@ def test_dashboard_is_provisionable() -> None:
 
 
 def test_dashboard_has_the_expected_rows() -> None:
-    rows = {p["title"] for p in walk_panels(DASHBOARD["panels"]) if p["type"] == "row"}
+    rows = {p["title"] for p in prometheus.walk_panels(DASHBOARD["panels"]) if p["type"] == "row"}
     assert {"Throughput", "Freshness", "Backlog", "Bad input", "Ledger", "Health"} <= rows
 
 
