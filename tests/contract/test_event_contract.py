@@ -171,7 +171,7 @@ def test_topic_readme_names_every_topic_meterline_topics_creates() -> None:
     assert f"creates all {numbers[len(topics)]}" in readme
 
 
-_REASON_ARGUMENT = {"BalanceChange": 4, "_ledger_change": 6}  # 0-based position of `reason`
+_REASON_ARGUMENT = {"BalanceChange": 4, "_ledger_change": 6, "Entry": 2}  # 0-based position of `reason`
 
 
 def _reason_literals(node: ast.AST) -> list[ast.expr]:
@@ -195,7 +195,7 @@ def _balance_change_reasons_in_code() -> set[str]:
 
     Found syntactically: `reason="..."` keywords, `reason: str = "..."` defaults,
     `*_REASON = "..."` constants, and the literal reason argument of
-    `BalanceChange(...)` and `_ledger_change(...)`.
+    `BalanceChange(...)`, `_ledger_change(...)` and the ledger's `Entry(...)`.
     """
     found: set[str] = set()
     for path in (ROOT / "services" / "meterline").rglob("*.py"):

@@ -36,7 +36,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 
 from meterline.config import MeterConfig, Settings, load_settings
-from meterline.core.credits import BalanceChange, debit_for, decimal_text, depleted
+from meterline.core.credits import BalanceChange, Grant, debit_for, decimal_text, depleted
 from meterline.core.events import (
     EventValidator,
     Limits,
@@ -47,6 +47,8 @@ from meterline.core.events import (
     parse_time_ms,
 )
 from meterline.core.windows import OpenWindows, WindowBuffer, WindowValue, fold
+from meterline.ledger.accounts import USAGE_ACCOUNT, ZERO, CustomerBook
+from meterline.ledger.book import transfer_message
 from meterline.processor.dlq import dlq_headers
 from meterline.processor.pipeline import policy_from
 from meterline.storage import flush
@@ -315,6 +317,9 @@ def quantities(draw: st.DrawFn) -> int | float | str:
             return whole + ("." + zeros if zeros else "")
         whole = "0" * draw(st.integers(0, 15 - len(whole))) + whole
         fraction = draw(st.text("0123456789", max_size=12))
+        # at most 15 significant digits: the most a Stripe meter event value carries
+        while fraction and len(Decimal(f"{whole}.{fraction}").normalize().as_tuple().digits) > 15:
+            fraction = fraction[:-1]
         return whole + ("." + fraction if fraction else "")
     # Any double the schema allows: with a fraction below 1e14 (16-17 significant digits
     # included), or whole up to 1e15.
@@ -589,11 +594,11 @@ class RecordingConnection:
         return "INSERT"
 
 
-def outbox_messages(aggregates: list[Any], changes: list[BalanceChange], policy: Any,
-                    ) -> list[tuple[str, str, dict[str, Any]]]:
-    """(topic, key, payload) of the outbox rows the real `_write_outbox` writes."""
+def outbox_messages(aggregates: list[Any], policy: Any) -> list[tuple[str, str, dict[str, Any]]]:
+    """(topic, key, payload) of the `usage.aggregates` outbox rows the real `_write_outbox`
+    writes (the balance changes are written by the ledger's `post`, from `to_message`)."""
     conn = RecordingConnection()
-    run_to_completion(flush._write_outbox(conn, aggregates, changes, policy))  # type: ignore[arg-type]
+    run_to_completion(flush._write_outbox(conn, aggregates, policy))  # type: ignore[arg-type]
     ((query, (topics, keys, payloads)),) = conn.executed
     assert query == flush.INSERT_OUTBOX
     return [(t, k, orjson.loads(p)) for t, k, p in zip(topics, keys, payloads, strict=True)]
@@ -674,12 +679,13 @@ def test_outbox_payloads_from_the_real_code_match_their_schemas(
             by_customer.setdefault(a.window.key.customer, []).append(a)
     changes = [
         BalanceChange(customer, balance, balance - sum((a.credits for a in aggs), Decimal(0)), granted,
-                      "usage", tuple(range(1000, 1000 + len(aggs))), policy.thresholds)
+                      "usage", tuple(range(1000, 1000 + len(aggs))), policy.thresholds,
+                      usage_transfers(customer, aggs, granted))
         for customer, aggs in by_customer.items()
     ]
 
-    messages = outbox_messages(aggregates, changes, policy)
-    assert len(messages) == len(aggregates) + len(changes)
+    messages = outbox_messages(aggregates, policy)
+    assert len(messages) == len(aggregates)
     for (topic, key, payload), a in zip(messages, aggregates, strict=False):
         assert topic == policy.aggregates_topic and key == a.window.key.customer
         assert_valid(AGGREGATE, payload)
@@ -688,9 +694,23 @@ def test_outbox_payloads_from_the_real_code_match_their_schemas(
         assert end - start == timedelta(milliseconds=size)
         assert (payload["id"], payload["seq"], payload["event_count"]) == (a.id, a.seq, len(a.window.events))
         assert Decimal(payload["quantity"]) == a.quantity and Decimal(payload["credits"]) == a.credits
-    for (topic, key, payload), change in zip(messages[len(aggregates):], changes, strict=True):
-        assert topic == policy.balance_changes_topic and key == change.customer
+    for change in changes:
+        payload = orjson.loads(orjson.dumps(change.to_message()))  # as `post` writes it
         assert_valid(BALANCE, payload)
+
+
+def usage_transfers(customer: str, aggregates: list[Any], granted: Decimal,
+                    ) -> tuple[dict[str, object], ...]:
+    """The transfers the ledger decides for these aggregates, from one grant of `granted`."""
+    at = datetime.fromtimestamp(NOW_MS / 1000, UTC)
+    book = CustomerBook(customer, {1: Grant(1, granted, 10, at - timedelta(days=1), None)}, ZERO)
+    moves = []
+    for a in aggregates:
+        if a.credits > 0:
+            moves += book.use(a.credits, at, at, USAGE_ACCOUNT, "usage")
+        else:
+            moves += book.credit_back(-a.credits, [], at)
+    return tuple(transfer_message(i, t) for i, t in enumerate(moves, start=1))
 
 
 @settings(max_examples=60, deadline=None)

@@ -28,7 +28,7 @@ from meterline.core.windows import OpenWindows
 from meterline.processor.pipeline import policy_from
 from meterline.storage import checkpoints
 from meterline.storage.dedupe import reserve
-from meterline.storage.flush import flush
+from meterline.storage.flush import FlushResult, flush
 from meterline.storage.grants import GrantRequest, apply_adjustment, apply_grant, sync_config
 
 TOKEN = "test-token-0123456789abcdef"
@@ -120,9 +120,16 @@ def ms(t: datetime) -> int:
 async def flush_usage(api: Api, usage: list[tuple[str, str, datetime, int]],
                       partition: int = 0, now: datetime = NOW) -> None:
     """Debit (customer, meter, event time, value) events through the processor's real flush."""
-    policy = policy_from(api.settings)
-    [claim] = await checkpoints.claim(api.db, policy.usage_topic, [partition], "api-test")
-    windows = OpenWindows(api.settings.processor.window_size_ms, 0)
+    await flush_events(api.settings, api.db, usage, partition, now)
+
+
+async def flush_events(settings: Settings, db: asyncpg.Pool,
+                       usage: list[tuple[str, str, datetime, Decimal | int]],
+                       partition: int = 0, now: datetime = NOW) -> FlushResult:
+    """`flush_usage` without a running API: the events, in one flush, at `now`."""
+    policy = policy_from(settings)
+    [claim] = await checkpoints.claim(db, policy.usage_topic, [partition], "api-test")
+    windows = OpenWindows(settings.processor.window_size_ms, 0)
     windows.assign(partition, claim.next_offset)
     events = [UsageEvent(dedupe_key("api-test", uuid.uuid4().hex), customer, meter, ms(at), value,
                          claim.next_offset + i)
@@ -130,9 +137,9 @@ async def flush_usage(api: Api, usage: list[tuple[str, str, datetime, int]],
     windows.add(partition, events, claim.next_offset + len(events), ms(now) + 10**9)
     for buf in windows.buffers():
         keys = [e.dedupe_key for e in buf.events]
-        ours = await reserve(api.db, keys, [claim.slot] * len(keys), [claim.epoch] * len(keys),
+        ours = await reserve(db, keys, [claim.slot] * len(keys), [claim.epoch] * len(keys),
                              [buf.token] * len(keys))
         assert buf.settle_reservation(len(keys), set(keys) - ours) == 0
     closable = windows.take_closable(ms(now) + 10**9)
-    async with api.db.acquire() as conn:
-        await flush(conn, closable, {partition: claim.epoch}, policy, now)
+    async with db.acquire() as conn:
+        return await flush(conn, closable, {partition: claim.epoch}, policy, now)

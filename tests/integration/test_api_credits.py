@@ -117,7 +117,7 @@ async def test_negative_adjustment_burns_grants_in_order_then_goes_into_overage(
         remaining = dict(await api.db.fetch("SELECT id, remaining FROM grants"))
         assert remaining == {first: 0, second: 5}
         taken = dict(await api.db.fetch(
-            "SELECT grant_id, credits FROM debit_allocations WHERE ledger_entry_id = $1",
+            "SELECT from_grant, amount FROM transfers WHERE entry_id = $1 AND to_account = 'issuer'",
             body["ledger_entry_id"]))
         assert taken == {first: 10, second: 5}
 

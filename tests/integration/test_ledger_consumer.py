@@ -23,6 +23,8 @@ from meterline.config import Settings
 from meterline.devstack.dev import read_topic
 from meterline.devstack.embedded import EmbeddedKafka
 from meterline.devstack.stripe_emulator import objects
+from meterline.ledger.accounts import USAGE_ACCOUNT, Transfer, grant_account
+from meterline.ledger.book import Entry, open_books, post
 from meterline.storage.grants import sync_config
 
 pytestmark = pytest.mark.integration
@@ -321,6 +323,41 @@ async def test_shuffled_subscription_lifecycle_ends_on_the_same_ledger(ledger_en
     await env.assert_ledger_integrity()
 
 
+async def test_plan_allocations_multiply_included_credits_by_seats_on_creation_and_changes(
+    ledger_env: Start,
+) -> None:
+    env = await ledger_env([{"id": "acme", "stripe_customer_id": "cus_acme"}])
+    price = objects.price("price_growth", unit_amount=1000, metadata={"meterline_plan": "growth"},
+                          recurring_interval="month")
+
+    def seats(n: int, quantity: int, at: int) -> Event:
+        obj = objects.subscription("sub_s", customer="cus_acme", price_obj=price, status="active",
+                                   period=(T0, T0 + M), created=T0, item_id="si_s",
+                                   quantity=quantity)
+        return objects.event("customer.subscription.updated", obj, event_id=f"evt_s{n}",
+                             created=at)
+
+    line = objects.invoice_line("il_s", price_obj=price, subscription="sub_s", period=(T0, T0 + M),
+                                quantity=3)
+    inv = objects.invoice("in_s", customer="cus_acme", lines=[line], created=T0,
+                          billing_reason="subscription_create", subscription="sub_s",
+                          payment_intent="pi_s")
+    env.send(seats(1, 3, T0), objects.event("invoice.paid", inv, event_id="evt_s2", created=T0))
+    await env.settled()
+    assert await env.balance("acme") == 600  # 3 seats x 200
+
+    env.send(seats(3, 5, T0 + M // 2))  # two more seats at half the period: 2 x 200 x 1/2
+    await env.settled()
+    assert await env.balance("acme") == 800
+    env.send(seats(4, 4, T0 + 3 * M // 4))  # fewer seats: from the next period on
+    await env.settled()
+    assert await env.balance("acme") == 800
+    period = await env.pool.fetchrow(
+        "SELECT quantity, base_credits, upgrade_credits FROM stripe_plan_periods")
+    assert tuple(period) == (3, 600, 200)
+    await env.assert_ledger_integrity()
+
+
 async def test_calendar_allocator_leaves_stripe_subscribers_alone(ledger_env: Start) -> None:
     from datetime import UTC, datetime
 
@@ -375,17 +412,14 @@ async def test_past_due_follows_the_latest_payment_outcome_whatever_the_delivery
 
 
 async def use_credits(pool: asyncpg.Pool, grant_source_ref: str, credits: int) -> None:
-    """Stand-in for the processor's debit of `credits` from one grant."""
+    """Stand-in for the processor's debit of `credits` from one grant: a grant -> usage
+    transfer written through the ledger."""
     async with pool.acquire() as conn, conn.transaction():
         gid, customer = await conn.fetchrow(
-            "UPDATE grants SET remaining = remaining - $2 WHERE source_ref = $1 RETURNING id, customer_id",
-            grant_source_ref, credits)
-        entry = await conn.fetchval(
-            "INSERT INTO ledger_entries (customer_id, kind, amount) VALUES ($1, 'debit', $2) RETURNING id",
-            customer, -credits)
-        await conn.execute("INSERT INTO debit_allocations VALUES ($1, $2, $3)", entry, gid, credits)
-        await conn.execute("UPDATE balances SET balance = balance - $2 WHERE customer_id = $1",
-                           customer, credits)
+            "SELECT id, customer_id FROM grants WHERE source_ref = $1", grant_source_ref)
+        books = await open_books(conn, [customer])
+        used = Transfer(grant_account(gid), USAGE_ACCOUNT, Decimal(credits), "usage")
+        await post(conn, books, [Entry(customer, "debit", "usage", (used,))], "balances", ())
 
 
 async def test_refund_voids_the_remaining_credits_of_that_purchase_only(ledger_env: Start) -> None:
@@ -422,6 +456,83 @@ async def test_partial_refunds_void_their_share_and_old_snapshots_change_nothing
     env.send(refund("B", "cus_acme", pi="pi_B", amount=5000, refunded=5000, created=T0 + 20))
     await env.settled()
     assert await env.balance("acme") == 0
+    await env.assert_ledger_integrity()
+
+
+def plan_and_pack_invoice(n: str, *, shape_2025: bool = False) -> Event:
+    """One invoice paying a growth period (200 credits) and a pack of 100 credits, paid by pi_<n>."""
+    plan = objects.price("price_growth", unit_amount=1000, metadata={"meterline_plan": "growth"},
+                         recurring_interval="month")
+    pack = objects.price(f"price_pack_{n}", unit_amount=1000, metadata={"meterline_credits": "100"})
+    lines = [objects.invoice_line(f"il_{n}_plan", price_obj=plan, subscription=f"sub_{n}",
+                                  period=(T0, T0 + M)),
+             objects.invoice_line(f"il_{n}_pack", price_obj=pack, period=(T0, T0))]
+    inv = objects.invoice(f"in_{n}", customer="cus_acme", lines=lines, created=T0,
+                          billing_reason="subscription_create", subscription=f"sub_{n}",
+                          payment_intent=None if shape_2025 else f"pi_{n}")
+    if shape_2025:  # no invoice.payment_intent: the payment intent is on its payments
+        inv["payments"] = {"object": "list", "data": [{
+            "object": "invoice_payment", "id": f"inpay_{n}",
+            "payment": {"type": "payment_intent", "payment_intent": f"pi_{n}"}}]}
+    return objects.event("invoice.paid", inv, event_id=f"evt_in_{n}", created=T0)
+
+
+@pytest.mark.parametrize("shape_2025", [False, True], ids=["classic", "2025"])
+async def test_full_refund_of_an_invoice_voids_its_plan_allocation_and_its_pack(
+    ledger_env: Start, shape_2025: bool,
+) -> None:
+    env = await ledger_env([{"id": "acme", "stripe_customer_id": "cus_acme"}])
+    env.send(plan_and_pack_invoice("P", shape_2025=shape_2025))
+    await env.settled()
+    assert await env.balance("acme") == 300
+    # a 2025 charge names no invoice: only the payment intent links it
+    env.send(refund("P", "cus_acme", pi="pi_P", amount=2000, refunded=2000, created=T0 + 10))
+    await env.settled()
+
+    assert await env.balance("acme") == 0
+    voided = {r["source"]: r["voided"] for r in await env.pool.fetch(
+        """SELECT g.source, -sum(e.amount) AS voided FROM ledger_entries e
+           JOIN grants g ON g.id = e.grant_id WHERE e.kind = 'void' GROUP BY g.source""")}
+    assert voided == {"stripe_subscription": 200, "stripe_invoice": 100}
+    await env.assert_ledger_integrity()
+
+
+async def test_partial_refund_of_an_invoice_voids_the_same_share_of_each_of_its_grants(
+    ledger_env: Start,
+) -> None:
+    env = await ledger_env([{"id": "acme", "stripe_customer_id": "cus_acme"}])
+    # the refund first: the allocation and the pack find it when they arrive
+    env.send(refund("Q", "cus_acme", pi="pi_Q", amount=2000, refunded=500, created=T0 + 10))
+    await env.settled()
+    env.send(plan_and_pack_invoice("Q"))
+    await env.settled()
+
+    # a quarter of the charge back: a quarter of each grant (pro rata, not by line)
+    assert await env.balance("acme") == 225
+    remaining = dict(await env.pool.fetch("SELECT source, remaining FROM grants"))
+    assert remaining == {"stripe_subscription": 150, "stripe_invoice": 75}
+    await env.assert_ledger_integrity()
+
+
+async def test_a_lost_dispute_voids_the_disputed_purchase_and_an_open_one_does_not(
+    ledger_env: Start,
+) -> None:
+    env = await ledger_env([{"id": "acme", "stripe_customer_id": "cus_acme"}])
+    env.send(checkout("D", "cus_acme", "1000", pi="pi_D"))
+    await env.settled()
+    await use_credits(env.pool, "cs_D", 300)
+
+    def dispute_event(n: int, type_: str, status: str) -> Event:
+        obj = {"id": "du_D", "object": "dispute", "amount": 5000, "charge": "ch_D",
+               "payment_intent": "pi_D", "status": status, "reason": "fraudulent"}
+        return objects.event(type_, obj, event_id=f"evt_du_{n}", created=T0 + n)
+
+    env.send(dispute_event(1, "charge.dispute.created", "needs_response"))
+    await env.settled()
+    assert await env.balance("acme") == 700
+    env.send(dispute_event(2, "charge.dispute.closed", "lost"))
+    await env.settled()
+    assert await env.balance("acme") == 0  # what was left of the purchase; used credits stay used
     await env.assert_ledger_integrity()
 
 

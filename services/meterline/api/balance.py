@@ -32,7 +32,8 @@ SELECT c.id IS NOT NULL OR b.customer_id IS NOT NULL AS known,
        b.balance, b.granted, b.updated_at, ps.start AS period_start, ps.end AS period_end,
        ARRAY(SELECT ROW(g.id, g.amount, g.remaining, g.priority, g.effective_at, g.expires_at,
                         g.source)
-             FROM grants g WHERE g.customer_id = k.id AND g.remaining > 0
+             FROM grants g WHERE g.customer_id = k.id
+              AND (g.remaining > 0 OR g.issued_at IS NULL)  -- open, or scheduled
              ORDER BY g.priority, g.expires_at IS NULL, g.expires_at, g.effective_at, g.id
              LIMIT {MAX_GRANTS}) AS grants,
        ARRAY(SELECT ROW(u.meter, sum(u.quantity), sum(u.credits), sum(u.event_count)::bigint)

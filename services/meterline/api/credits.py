@@ -1,9 +1,9 @@
 """Manual grants and adjustments: `POST /v1/customers/{id}/grants`.
 
-A positive amount is a grant (`storage.grants.apply_grant_change`, source
+A positive amount is a grant (`meterline.ledger.apply_grant_change`, source
 `manual`, idempotent by (source, source_ref) like every grant); a negative
 amount is an `adjustment` ledger entry that takes credits out of the grants in
-burn-down order (`storage.grants.apply_adjustment`). Either way the ledger
+burn-down order (`meterline.ledger.apply_adjustment`). Either way the ledger
 entry, the balance, the outbox balance-change message and the
 `manual_credit_requests` row commit in one transaction.
 
@@ -39,8 +39,8 @@ from meterline.api.wire import (
     parse_time,
 )
 from meterline.core.credits import decimal_text
+from meterline.ledger import GrantRequest, apply_adjustment, apply_grant_change
 from meterline.metrics import API_MANUAL_CREDITS, LEDGER_GRANTS, THRESHOLD_CROSSINGS
-from meterline.storage.grants import GrantRequest, apply_adjustment, apply_grant_change
 
 FIELDS = {"amount", "reason", "ref", "priority", "effective_at", "expires_at"}
 MAX_KEY_LENGTH = 255
@@ -84,6 +84,12 @@ class ManualCredit:
             self.expires_at.isoformat() if self.expires_at else None,
         ])
         return hashlib.sha256(canonical).hexdigest()
+
+
+def manual_ref(customer: str, key: str) -> str:
+    """The grant's idempotency reference: length-prefixed, so (customer `a`, key `b:c`)
+    and (customer `a:b`, key `c`) never share one (migration 006 rewrote older refs)."""
+    return f"{len(customer)}:{customer}:{key}"
 
 
 class _Raced(Exception):
@@ -171,8 +177,8 @@ async def _apply_once(conn: asyncpg.Connection, ctx: ApiContext, req: ManualCred
         grant_id = None
         if req.amount > 0:
             applied = await apply_grant_change(conn, GrantRequest(
-                req.customer, req.amount, "manual", f"{req.customer}:{req.key}", req.priority,
-                req.effective_at, req.expires_at, reason=GRANT_REASON), topic, thresholds)
+                req.customer, req.amount, "manual", manual_ref(req.customer, req.key), req.priority,
+                req.effective_at, req.expires_at, reason=GRANT_REASON), topic, thresholds, now)
             if applied is None:
                 raise _Raced()
             grant_id, change = applied

@@ -1,7 +1,8 @@
 """The dispute path: every window aggregate of a customer in a range, as CSV, streamed.
 
 One row per window aggregate (regular windows and late corrections), with the
-credits its debit took, the ledger entry that took them, where it came from
+credits its debit took, the ledger entry that took them and its transfers (which
+grant accounts, or the receivable for overage, paid it; credit-backs to whom), where it came from
 in Kafka, and how it was reported to Stripe (the sink's report carrying it:
 `stripe_reports` via `stripe_report_items`; `unreported` when no report carries
 it yet). The rows come from a server-side cursor inside one read-only
@@ -29,6 +30,7 @@ from meterline.api.context import context
 from meterline.api.usage import ensure_known
 from meterline.api.wire import ApiError, StreamAborted, customer_id, only_query, time_range
 from meterline.core.credits import decimal_text
+from meterline.ledger.accounts import Account
 from meterline.metrics import API_EXPORT_ROWS
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ COLUMNS = (
     "quantity", "window_value", "event_count", "credits", "ledger_entry_id", "debited_credits",
     "overage_credits", "kafka_partition", "first_offset", "last_offset", "aggregated_at",
     "stripe_report_id", "stripe_identifier", "stripe_status", "stripe_attempts",
-    "stripe_last_error", "stripe_response_id",
+    "stripe_last_error", "stripe_response_id", "transfers",
 )
 UNREPORTED = "unreported"
 
@@ -48,7 +50,10 @@ SELECT a.id, a.customer_id, a.meter, a.window_start, a.window_end, a.seq, a.quan
        a.window_value, a.event_count, a.credits, l.id AS ledger_entry_id,
        -l.amount AS debited, l.overage, a.kafka_partition, a.first_offset, a.last_offset,
        a.created_at, r.id AS report_id, r.identifier, r.status, r.attempts, r.last_error,
-       r.stripe_response_id
+       r.stripe_response_id,
+       ARRAY(SELECT ROW(t.id, t.from_account, t.from_grant, t.to_account, t.to_grant, t.amount,
+                        t.reason)
+             FROM transfers t WHERE t.aggregate_id = a.id ORDER BY t.id) AS transfers
 FROM window_aggregates a
 LEFT JOIN ledger_entries l ON l.aggregate_id = a.id AND l.kind = 'debit'
 LEFT JOIN stripe_report_items i ON i.aggregate_id = a.id
@@ -84,15 +89,23 @@ def csv_row(r: Sequence[Any]) -> list[str]:
     """One export row, every cell as text; order as COLUMNS."""
     (agg_id, customer, meter, start, end, seq, quantity, window_value, events, credits,
      entry_id, debited, overage, partition, first, last, created, report_id, identifier,
-     status, attempts, last_error, response_id) = r
+     status, attempts, last_error, response_id, transfers) = r
     return [
         _text(agg_id), _text(customer), _text(meter), _time(start), _time(end), str(seq),
         "true" if seq > 0 else "false", _num(quantity), _num(window_value), str(events),
         _num(credits), _num(entry_id), _num(debited), _num(overage), str(partition),
         str(first), str(last), _time(created), _num(report_id), _text(identifier),
         _text(status) if report_id is not None else UNREPORTED, _num(attempts),
-        _text(last_error), _text(response_id),
+        _text(last_error), _text(response_id), _transfers(transfers),
     ]
+
+
+def _transfers(transfers: Sequence[Any]) -> str:
+    """The aggregate's ledger transfers, `<id> <from> -> <to> <amount> <reason>`, `; `-joined:
+    which grants (or the receivable, for overage) paid it, and any credit-back."""
+    return "; ".join(
+        f"{tid} {Account(fk, fg)} -> {Account(tk, tg)} {decimal_text(amount)} {reason}"
+        for tid, fk, fg, tk, tg, amount, reason in transfers)
 
 
 def _encode(rows: list[list[str]]) -> bytes:

@@ -26,6 +26,7 @@ from meterline.api.wire import (
     parse_int,
     time_range,
 )
+from meterline.ledger.accounts import Account
 
 KNOWN = """
 SELECT EXISTS (SELECT 1 FROM customers WHERE id = $1)
@@ -51,7 +52,10 @@ GROUP BY meter ORDER BY meter
 # Newest first; the cursor is the id of the last entry of the previous page.
 LEDGER = """
 SELECT l.id, l.kind, l.amount, l.overage, l.meter, l.aggregate_id, l.grant_id, l.reason,
-       l.created_at, m.note
+       l.created_at, m.note,
+       ARRAY(SELECT ROW(t.id, t.from_account, t.from_grant, t.to_account, t.to_grant, t.amount,
+                        t.reason, t.reverses)
+             FROM transfers t WHERE t.entry_id = l.id ORDER BY t.id) AS transfers
 FROM ledger_entries l
 LEFT JOIN manual_credit_requests m ON m.ledger_entry_id = l.id
 WHERE l.customer_id = $1 AND l.id < $2
@@ -120,4 +124,14 @@ async def get_ledger(request: web.Request) -> web.Response:
 def _entry(r: asyncpg.Record) -> dict[str, Any]:
     return {"id": r["id"], "kind": r["kind"], "amount": r["amount"], "overage": r["overage"],
             "meter": r["meter"], "aggregate_id": r["aggregate_id"], "grant_id": r["grant_id"],
-            "reason": r["reason"], "note": r["note"], "created_at": r["created_at"]}
+            "reason": r["reason"], "note": r["note"], "created_at": r["created_at"],
+            "transfers": [transfer_body(*t) for t in r["transfers"]]}
+
+
+def transfer_body(transfer_id: int, from_kind: str, from_grant: int | None, to_kind: str,
+                  to_grant: int | None, amount: Decimal, reason: str,
+                  reverses: int | None) -> dict[str, Any]:
+    """One transfer of a ledger entry, accounts named as on the balance-change topic."""
+    return {"id": transfer_id, "from": str(Account(from_kind, from_grant)),
+            "to": str(Account(to_kind, to_grant)), "amount": amount, "reason": reason,
+            "reverses": reverses}

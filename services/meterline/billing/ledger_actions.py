@@ -74,13 +74,16 @@ class PurchaseGrant:
 
 @dataclass(frozen=True, slots=True)
 class PeriodAllocation:
-    """A paid subscription period: the plan's included credits for [period_start, period_end)."""
+    """A paid subscription period: the plan's included credits x `quantity` (seats) for
+    [period_start, period_end)."""
 
     subscription: str
     plan_key: str
     period_start: int
     period_end: int
     invoice: str
+    quantity: int = 1
+    refs: tuple[str, ...] = ()  # the invoice's ids (invoice, payment intents): refunds find it
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,7 @@ class SubscriptionSnapshot:
     period_start: int | None
     period_end: int | None
     ended_at: int | None
+    quantity: int = 1  # the plan item's seats: included credits are per seat
 
 
 @dataclass(frozen=True, slots=True)

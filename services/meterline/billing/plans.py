@@ -16,6 +16,9 @@ Policy (the same final ledger whatever order Stripe delivers a lifecycle in):
   consumer grants `target - already granted` whenever it grows, and any delivery order
   ends on the same total. Upgrade credits take the period's own plan terms (priority;
   expiring at period end if that plan resets), so they too are independent of order.
+- **Seats**: a plan's included credits are per unit of its subscription item: a period
+  of 3 seats allocates 3x; a rise in seats mid-period is an upgrade (prorated like a
+  bigger plan), a fall takes effect at the next period like a downgrade.
 - **Downgrade: takes effect at the next period** (its invoice carries the lower price);
   nothing is taken back mid-period.
 - **Cancellation stops future allocations**: no allocation for a period that starts at or
@@ -61,6 +64,11 @@ def upgrade_credits(
                                                 length))
         highest = included
     return round_credits(total, places)
+
+
+def seat_credits(included: Decimal, quantity: int) -> Decimal:
+    """A period's included credits for `quantity` seats of a plan (included is per seat)."""
+    return _EXACT.multiply(included, Decimal(quantity))
 
 
 def allocation_allowed(period_start: int, ended_at: int | None) -> bool:

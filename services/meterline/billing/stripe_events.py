@@ -23,7 +23,13 @@ Events and what they do:
 - `customer.subscription.created|updated|deleted`: a snapshot of the subscription (status,
   plan, current period, `ended_at`), used for mid-period upgrades, cancellation and
   `customers.plan_key`.
-- `charge.refunded`: the refunded share of the charge voids the purchase's remaining credits.
+- `charge.refunded`: the refunded share of the charge voids that share of every grant the
+  charge paid for (its purchase, its invoice's plan allocation), pro rata.
+- `charge.dispute.created|updated|closed` with `status` `lost` (the funds are gone): the
+  disputed amount counts as refunded, so the disputed purchase's credits are voided the
+  same way (its share of the charge when the charge is expanded; the whole charge when
+  not, as card disputes are for the full amount). Other statuses change nothing: credits
+  stay while a dispute is open or won.
 
 Everything else is acknowledged and counted as ignored. The config maps win over price
 metadata (a local fix needs no change in Stripe). Metadata values are strings of plain
@@ -162,6 +168,7 @@ def _invoice_paid(event: StripeEvent, cat: Catalog) -> Decision:
     pack_credits = Decimal(0)
     allocations: dict[tuple[str, int], PeriodAllocation] = {}
     allocating = inv.get("billing_reason") in ALLOCATING_BILLING_REASONS
+    refs = _refs(invoice_id, _id_of(inv.get("payment_intent")), *_invoice_payment_intents(inv))
     for line in _lines(inv):
         price_id, price_meta = _line_price(line)
         proration = _line_proration(line)
@@ -172,19 +179,16 @@ def _invoice_paid(event: StripeEvent, cat: Catalog) -> Decision:
                 if sub is None:
                     raise _Invalid(Reason.INVALID_OBJECT, f"line {line.get('id')}: no subscription")
                 start, end = _period(line.get("period"), f"line {line.get('id')} period")
-                allocations.setdefault((sub, start),
-                                       PeriodAllocation(sub, plan, start, end, invoice_id))
+                allocations.setdefault((sub, start), PeriodAllocation(
+                    sub, plan, start, end, invoice_id, _quantity(line, f"line {line.get('id')}"),
+                    refs))
             continue
         per_unit = _pack_credits(price_id, price_meta, cat)
         if per_unit is not None and not proration:
-            quantity = line.get("quantity", 1)
-            if not _is_int(quantity) or quantity < 0:
-                raise _Invalid(Reason.INVALID_OBJECT, f"line {line.get('id')}: bad quantity")
-            pack_credits += per_unit * quantity
+            pack_credits += per_unit * _quantity(line, f"line {line.get('id')}")
     if pack_credits > MAX_CREDITS:
         raise _Invalid(Reason.INVALID_CREDITS, "credit packs above 10^15 credits")
     if pack_credits > 0:
-        refs = _refs(invoice_id, _id_of(inv.get("payment_intent")))
         actions.append(PurchaseGrant(pack_credits, "stripe_invoice", invoice_id, refs,
                                      event.created, _expiry(event.created, cat)))
     actions.extend(allocations.values())
@@ -219,7 +223,8 @@ def _subscription(event: StripeEvent, cat: Catalog) -> Decision:
         raise _Invalid(Reason.INVALID_OBJECT, "ended_at must be Unix seconds")
     if ended_at is None and (event.type == "customer.subscription.deleted" or status == "canceled"):
         ended_at = event.created
-    snapshot = SubscriptionSnapshot(sub_id, status, plan, start, end, ended_at)
+    snapshot = SubscriptionSnapshot(sub_id, status, plan, start, end, ended_at,
+                                    _quantity(item, f"item {item.get('id')}"))
     return Apply(event, _customer(sub, _metadata(sub)), (snapshot,))
 
 
@@ -234,6 +239,25 @@ def _charge_refunded(event: StripeEvent, cat: Catalog) -> Decision:
     return Apply(event, _customer(ch, _metadata(ch)), (refund,))
 
 
+def _dispute(event: StripeEvent, cat: Catalog) -> Decision:
+    dispute = event.object
+    if dispute.get("status") != "lost":
+        raise _Skip("dispute_not_lost")
+    disputed = dispute.get("amount")
+    if not _is_int(disputed) or disputed <= 0:
+        raise _Invalid(Reason.INVALID_OBJECT, "dispute amount must be a positive integer")
+    charge = dispute.get("charge")
+    charge_id = _id_of(charge)
+    if charge_id is None:
+        raise _Invalid(Reason.INVALID_OBJECT, "dispute names no charge")
+    amount = charge.get("amount") if isinstance(charge, dict) else None
+    amount = amount if _is_int(amount) and amount >= disputed else disputed
+    pi = _id_of(dispute.get("payment_intent")) or (
+        _id_of(charge.get("payment_intent")) if isinstance(charge, dict) else None)
+    lost = ChargeRefund(charge_id, pi, None, amount, disputed)
+    return Apply(event, _customer(dispute, _metadata(dispute)), (lost,))
+
+
 _HANDLERS = {
     "checkout.session.completed": _checkout,
     "checkout.session.async_payment_succeeded": _checkout,
@@ -243,11 +267,24 @@ _HANDLERS = {
     "customer.subscription.updated": _subscription,
     "customer.subscription.deleted": _subscription,
     "charge.refunded": _charge_refunded,
+    "charge.dispute.created": _dispute,
+    "charge.dispute.updated": _dispute,
+    "charge.dispute.closed": _dispute,
 }
 KNOWN_TYPES = frozenset(_HANDLERS)
 
 
 # --- field readers ------------------------------------------------------------------------
+
+
+def _quantity(obj: Mapping[str, Any], where: str) -> int:
+    """A line's or subscription item's quantity (seats, packs): a whole number, default 1."""
+    quantity = obj.get("quantity", 1)
+    if quantity is None:
+        return 1
+    if not _is_int(quantity) or quantity < 0:
+        raise _Invalid(Reason.INVALID_OBJECT, f"{where}: bad quantity")
+    return quantity
 
 
 def _is_int(v: object) -> TypeGuard[int]:
@@ -311,6 +348,22 @@ def _period(raw: object, where: str) -> tuple[int, int]:
     if not _is_int(start) or not _is_int(end) or not start < end:
         raise _Invalid(Reason.INVALID_OBJECT, f"{where}: start < end, Unix seconds")
     return int(start), int(end)
+
+
+def _invoice_payment_intents(inv: Mapping[str, Any]) -> list[str | None]:
+    """The payment intents of an invoice's payments: Stripe's 2025+ shape (`payments`, an
+    expandable list of invoice payments) has no `invoice.payment_intent`, and its charges no
+    `charge.invoice`; a refund's charge names the payment intent, found here."""
+    payments = inv.get("payments")
+    data = payments.get("data") if isinstance(payments, dict) else None
+    if not isinstance(data, list):
+        return []
+    out = []
+    for p in data:
+        payment = p.get("payment") if isinstance(p, dict) else None
+        if isinstance(payment, dict):
+            out.append(_id_of(payment.get("payment_intent")))
+    return out
 
 
 def _lines(inv: Mapping[str, Any]) -> list[Mapping[str, Any]]:

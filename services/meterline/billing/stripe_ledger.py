@@ -48,17 +48,14 @@ from meterline.billing.ledger_actions import (
 from meterline.billing.plans import (
     allocation_allowed,
     plan_in_force,
+    seat_credits,
     snapshot_rank,
     upgrade_credits,
 )
 from meterline.config import PlanConfig
 from meterline.core.credits import round_credits
-from meterline.storage.grants import (
-    GrantRequest,
-    apply_grant,
-    plan_grant_request,
-    void_grant_credits,
-)
+from meterline.ledger import GrantRequest, apply_grant, void_grant_credits
+from meterline.storage.grants import plan_grant_request
 
 CLAIM_EVENT = """
 INSERT INTO stripe_events_applied (event_id, type, created, outcome) VALUES ($1, $2, $3, 'pending')
@@ -78,11 +75,13 @@ UPDATE customers SET stripe_customer_id = $2, updated_at = now() WHERE id = $1
 """
 
 GRANT_BY_PURCHASE_REF = """
-SELECT grant_id FROM stripe_purchase_refs WHERE ref = ANY($1::text[]) ORDER BY grant_id LIMIT 1
+SELECT grant_id FROM stripe_purchase_refs WHERE ref = ANY($1::text[]) AND kind = 'purchase'
+ORDER BY grant_id LIMIT 1
 """
+# kind: purchase (one grant per ref) | plan_allocation (links refunds of the invoice to it)
 INSERT_PURCHASE_REFS = """
-INSERT INTO stripe_purchase_refs (ref, grant_id) SELECT unnest($1::text[]), $2
-ON CONFLICT (ref) DO NOTHING
+INSERT INTO stripe_purchase_refs (ref, grant_id, kind) SELECT unnest($1::text[]), $2, $3
+ON CONFLICT DO NOTHING
 """
 GRANT_BY_SOURCE = "SELECT id FROM grants WHERE source = $1 AND source_ref = $2"
 
@@ -91,6 +90,8 @@ INSERT INTO stripe_charge_refunds (charge_id, payment_intent, invoice, amount, a
 VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (charge_id) DO UPDATE SET
     amount_refunded = greatest(stripe_charge_refunds.amount_refunded, excluded.amount_refunded),
+    -- a lost dispute may only know the disputed amount; the charge's own amount wins
+    amount = greatest(stripe_charge_refunds.amount, excluded.amount),
     payment_intent = coalesce(stripe_charge_refunds.payment_intent, excluded.payment_intent),
     invoice = coalesce(stripe_charge_refunds.invoice, excluded.invoice),
     updated_at = now()
@@ -112,8 +113,8 @@ FROM grants g LEFT JOIN ledger_entries e ON e.grant_id = g.id WHERE g.id = $1 GR
 
 INSERT_SNAPSHOT = """
 INSERT INTO stripe_subscription_snapshots
-    (event_id, subscription_id, created, status, plan_key, period_start, period_end)
-VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING
+    (event_id, subscription_id, created, status, plan_key, period_start, period_end, quantity)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING
 """
 SUBSCRIPTION_FOR_UPDATE = """
 SELECT status, snapshot_created, snapshot_event_id, ended_at FROM stripe_subscriptions
@@ -137,8 +138,8 @@ WHERE id = $1 AND plan_source <> 'stripe'
 SUBSCRIPTION_ENDED_AT = "SELECT ended_at FROM stripe_subscriptions WHERE id = $1"
 INSERT_PERIOD = """
 INSERT INTO stripe_plan_periods (subscription_id, period_start, period_end, customer_id, plan_key,
-    invoice_id, base_credits)
-VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (subscription_id, period_start) DO NOTHING
+    invoice_id, base_credits, quantity)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (subscription_id, period_start) DO NOTHING
 RETURNING subscription_id
 """
 PERIOD_FOR_UPDATE = """
@@ -146,7 +147,7 @@ SELECT period_end, customer_id, plan_key, base_credits, upgrade_credits FROM str
 WHERE subscription_id = $1 AND period_start = $2 FOR UPDATE
 """
 PERIOD_CHANGES = """
-SELECT created, plan_key FROM stripe_subscription_snapshots
+SELECT created, plan_key, quantity FROM stripe_subscription_snapshots
 WHERE subscription_id = $1 AND period_start = $2 AND plan_key IS NOT NULL
 """
 SET_UPGRADE_CREDITS = """
@@ -301,7 +302,7 @@ async def _purchase(
             result.grants.append((a.source, a.credits))
     else:
         result.note("already_granted")
-    await conn.execute(INSERT_PURCHASE_REFS, list(a.refs), grant_id)
+    await conn.execute(INSERT_PURCHASE_REFS, list(a.refs), grant_id, "purchase")
     await _void_refunded_share(conn, int(grant_id), policy, result)  # a refund seen earlier
 
 
@@ -323,7 +324,13 @@ async def _void_refunded_share(
     conn: asyncpg.Connection, grant_id: int, policy: LedgerPolicy, result: Applied
 ) -> None:
     """Void the grant up to the refunded share of what paid for it (a full refund: all that
-    is left). Credits already used stay used; the voids only ever top up."""
+    is left). Credits already used stay used; the voids only ever top up.
+
+    Partial refunds are pro rata, the same for every grant the invoice paid for (a credit
+    pack and a plan period alike): each loses `amount_refunded / amount` of its credits.
+    Why not by line: a Stripe refund is against the charge, not a line — it does not say
+    which line it gives back — so the charge's refunded share is the only rule that any
+    delivery order of refunds, purchases and allocations ends on the same voids."""
     refs = [r["ref"] for r in await conn.fetch(REFS_OF_GRANT, grant_id)]
     share = await conn.fetchrow(REFUNDED_SHARE, refs)
     if not share["refunded"] or not share["amount"]:
@@ -349,7 +356,7 @@ async def _snapshot(
 ) -> None:
     """Record the snapshot; make it the latest state if it ranks highest; top up upgrades."""
     await conn.execute(INSERT_SNAPSHOT, event.id, s.subscription, event.created, s.status,
-                       s.plan_key, s.period_start, s.period_end)
+                       s.plan_key, s.period_start, s.period_end, s.quantity)
     current = await conn.fetchrow(SUBSCRIPTION_FOR_UPDATE, s.subscription)
     mine = snapshot_rank(s.status, event.created, event.id)
     if current is None or mine > snapshot_rank(current["status"], current["snapshot_created"],
@@ -374,16 +381,21 @@ async def _allocate(
         result.note("after_cancellation")
         return
     plan = policy.plans[a.plan_key]
+    base = seat_credits(plan.included_credits, a.quantity)  # 3 seats: 3x the credits
     inserted = await conn.fetchval(INSERT_PERIOD, a.subscription, a.period_start, a.period_end,
-                                   customer, a.plan_key, a.invoice, plan.included_credits)
+                                   customer, a.plan_key, a.invoice, base, a.quantity)
     if inserted is None:
         result.note("period_already_allocated")
-    elif plan.included_credits > 0:
-        req = plan_grant_request(customer, plan, plan.included_credits, _dt(a.period_start),
+    elif base > 0:
+        req = plan_grant_request(customer, plan, base, _dt(a.period_start),
                                  _dt(a.period_end), "stripe_subscription",
                                  f"{a.subscription}:{a.period_start}")
-        if await apply_grant(conn, req, policy.balance_topic, policy.thresholds) is not None:
-            result.grants.append(("stripe_subscription", plan.included_credits))
+        grant_id = await apply_grant(conn, req, policy.balance_topic, policy.thresholds)
+        if grant_id is not None:
+            result.grants.append(("stripe_subscription", base))
+            # the invoice's ids name this allocation too: refunding the invoice voids its share
+            await conn.execute(INSERT_PURCHASE_REFS, list(a.refs), grant_id, "plan_allocation")
+            await _void_refunded_share(conn, grant_id, policy, result)  # a refund seen earlier
     await _top_up_upgrades(conn, a.subscription, a.period_start, event.id, policy, result)
 
 
@@ -395,7 +407,9 @@ async def _top_up_upgrades(
     period = await conn.fetchrow(PERIOD_FOR_UPDATE, subscription, period_start)
     if period is None:
         return  # not paid (yet): its invoice will top up
-    changes = [(r["created"], policy.plans[r["plan_key"]].included_credits)
+    # a rise in seats is an upgrade like a bigger plan: included credits x quantity
+    changes = [(r["created"], seat_credits(policy.plans[r["plan_key"]].included_credits,
+                                           r["quantity"]))
                for r in await conn.fetch(PERIOD_CHANGES, subscription, period_start)
                if r["plan_key"] in policy.plans]
     target = upgrade_credits(period["base_credits"], period_start, period["period_end"], changes,

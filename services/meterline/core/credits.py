@@ -14,20 +14,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Context, Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 
 from meterline.core.events import Quantity
+from meterline.core.money import MONEY
 from meterline.core.windows import as_decimal
 
 ZERO = Decimal(0)
 
 
-_EXACT = Context(prec=60)  # room for any sum of capped quantities times any price
-
-
 def round_credits(amount: Decimal, places: int) -> Decimal:
     """Half-even (banker's) rounding to `places` decimals; exact for already-short values."""
-    return amount.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN, context=_EXACT)
+    return amount.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN, context=MONEY)
 
 
 def decimal_text(amount: Decimal) -> str:
@@ -36,7 +34,7 @@ def decimal_text(amount: Decimal) -> str:
 
 
 def debit_for(quantity: Quantity, credits_per_unit: Decimal, places: int) -> Decimal:
-    return round_credits(_EXACT.multiply(as_decimal(quantity), credits_per_unit), places)
+    return round_credits(MONEY.multiply(as_decimal(quantity), credits_per_unit), places)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +103,37 @@ def thresholds_crossed(
     return tuple(t for t in thresholds if used_before < t * granted <= used_after)
 
 
+def thresholds_reached(balance: Decimal, granted: Decimal, thresholds: Sequence[int]) -> frozenset[int]:
+    """The thresholds t whose t% of `granted` is consumed at `balance` (none without grants)."""
+    if granted <= 0:
+        return frozenset()
+    used = MONEY.multiply(MONEY.subtract(granted, balance), 100)
+    return frozenset(t for t in thresholds if used >= MONEY.multiply(t, granted))
+
+
+def threshold_fires(
+    fired: frozenset[int] | None, before: Decimal, after: Decimal, granted_before: Decimal,
+    granted_after: Decimal, thresholds: Sequence[int],
+) -> tuple[tuple[int, ...], frozenset[int]]:
+    """(thresholds this change fires, the fired set after it). The rule, once per crossing:
+
+    - a threshold fires when the share consumed (`granted - balance` over `granted`, each
+      at its own moment) reaches it while it is armed, and is then disarmed;
+    - it re-arms only when a change *raises the balance* (a top-up, a credit-back, the next
+      period's allocation) and leaves the share below it: the balance really recovered;
+    - so a change that only moves the base — an expiry, a used-up grant leaving `granted`
+      — never re-fires a threshold, and one crossing fires once.
+
+    `fired` None (not known yet, e.g. books migrated from before this rule): the thresholds
+    reached before this change count as fired."""
+    if fired is None:
+        fired = thresholds_reached(before, granted_before, thresholds)
+    reached = thresholds_reached(after, granted_after, thresholds)
+    if after > before:
+        fired = fired & reached
+    return tuple(sorted(reached - fired)), fired | reached
+
+
 def depleted(before: Decimal, after: Decimal) -> bool:
     """True when this change took the balance from positive to zero or below."""
     return before > 0 >= after
@@ -119,12 +148,19 @@ class BalanceChange:
     reason: str
     ledger_entry_ids: tuple[int, ...]
     thresholds: Sequence[int]
+    # the transfers behind it: {"id", "from", "to", "amount", "reason"} (ledger.book)
+    transfers: tuple[dict[str, object], ...] = ()
+    # thresholds fired by the ledger's once-per-crossing rule (`threshold_fires`); None:
+    # the stateless crossing of before/after at `granted`
+    fired: tuple[int, ...] | None = None
 
     @property
     def delta(self) -> Decimal:
         return self.balance_after - self.balance_before
 
     def crossed(self) -> tuple[int, ...]:
+        if self.fired is not None:
+            return self.fired
         return thresholds_crossed(self.balance_before, self.balance_after, self.granted, self.thresholds)
 
     def to_message(self) -> dict[str, object]:
@@ -139,4 +175,6 @@ class BalanceChange:
             "ledger_entry_ids": list(self.ledger_entry_ids),
             "thresholds_crossed": list(self.crossed()),
             "depleted": depleted(self.balance_before, self.balance_after),
+            "granted": decimal_text(self.granted),
+            "transfers": list(self.transfers),
         }

@@ -132,6 +132,9 @@ MAX_QUANTITY = Decimal(10) ** 15
 # A JSON number with a fraction must be below this: from 10^14 up a double keeps at most
 # one fractional digit, so the producer's decimals would silently change.
 _FRACTION_BELOW = 1e14
+# A quantity string claims exactness; Stripe refuses meter event values with more
+# significant digits than this (API 2026-04-22), so such a string is refused at intake.
+_STRIPE_DIGITS = 15
 
 
 def to_quantity(raw: Any) -> Quantity:
@@ -160,6 +163,10 @@ def to_quantity(raw: Any) -> Quantity:
             raise ValueError("a quantity string must be plain decimal digits, like \"12.5\", "
                              "at most 15 before the point")
         value = Decimal(raw)
+        # refused here, with the reason, rather than rounded silently downstream
+        if len(value.normalize().as_tuple().digits) > _STRIPE_DIGITS:
+            raise ValueError(f"more than {_STRIPE_DIGITS} significant digits (Stripe meter"
+                             " events carry at most 15): round it, or report in a larger unit")
     else:
         raise ValueError(f"{type(raw).__name__} is not a number")
     if value < 0:

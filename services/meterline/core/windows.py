@@ -22,6 +22,7 @@ from decimal import Decimal
 
 from meterline.config import Aggregation
 from meterline.core.events import Quantity, UsageEvent
+from meterline.core.money import add, subtract
 
 
 def window_start_ms(time_ms: int, size_ms: int) -> int:
@@ -68,7 +69,7 @@ class WindowBuffer:
             return False
         self.keys.add(ev.dedupe_key)
         self.events.append(ev)
-        self.total += ev.value
+        self.total = add(self.total, ev.value)  # MONEY context: 28 digits would lose the tail
         if ev.offset < self.min_offset:
             self.min_offset = ev.offset
         if ev.offset > self.max_offset:
@@ -100,7 +101,7 @@ class WindowBuffer:
         """Append `other`'s events; their keys must differ from ours (reservations ensure it)."""
         self.events.extend(other.events)
         self.keys |= other.keys
-        self.total += other.total
+        self.total = add(self.total, other.total)
         self.min_offset = min(self.min_offset, other.min_offset)
         self.max_offset = max(self.max_offset, other.max_offset)
         for bucket, n in other.time_counts.items():
@@ -271,15 +272,17 @@ def fold(
         return previous or WindowValue(0), 0
     if aggregation in ("sum", "count"):
         if total is None:  # a buffer passes its running total
-            total = sum((e.value for e in events), start=0)
+            total = 0
+            for e in events:
+                total = add(total, e.value)
         base = previous.quantity if previous else 0
-        return WindowValue(base + total, previous.at if previous else (0, -1)), total
+        return WindowValue(add(base, total), previous.at if previous else (0, -1)), total
     if aggregation == "max":
         top = max(e.value for e in events)
         if previous is None:
             return WindowValue(top), top
         new = max(previous.quantity, top)
-        return WindowValue(new), new - previous.quantity
+        return WindowValue(new), subtract(new, previous.quantity)
     # latest: the value of the event with the greatest (time, offset)
     last = max(events, key=lambda e: (e.time_ms, e.offset))
     at = (last.time_ms, last.offset)
@@ -287,7 +290,7 @@ def fold(
         return WindowValue(last.value, at), last.value
     if at <= previous.at:
         return previous, 0
-    return WindowValue(last.value, at), last.value - previous.quantity
+    return WindowValue(last.value, at), subtract(last.value, previous.quantity)
 
 
 def as_decimal(q: Quantity) -> Decimal:

@@ -5,7 +5,8 @@ embedded Kafka-protocol broker and a real PostgreSQL in a temporary directory,
 migrates, creates topics, runs the processor and the relay as subprocesses,
 drives them with the load generator and shows a live view. With `--headless`
 the last line printed is one JSON summary; the exit code is 0 only if the
-ledger equals the generator's independently computed expectation exactly.
+ledger equals the generator's independently computed expectation exactly and the
+ledger's invariants (meterline.ledger.audit) hold.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from meterline.devstack import prometheus as dev_prometheus
 from meterline.devstack.embedded import EmbeddedKafka, EmbeddedPostgres, _free_port
 from meterline.devstack.load import LoadGenerator, customer_ids
 from meterline.devstack.topics import ensure_topics
+from meterline.ledger.audit import audit
 from meterline.storage.db import migrate
 
 
@@ -107,8 +109,11 @@ class Services:
 
 # --- reading the state back -----------------------------------------------------------
 
+# What usage consumed per customer: the net of the transfers into the `usage` account.
 LEDGER_BY_CUSTOMER = """
-SELECT customer_id, -sum(amount) AS debited FROM ledger_entries WHERE kind = 'debit' GROUP BY customer_id
+SELECT customer_id,
+       sum(CASE WHEN to_account = 'usage' THEN amount ELSE -amount END) AS debited
+FROM transfers WHERE 'usage' IN (from_account, to_account) GROUP BY customer_id
 """
 
 
@@ -406,10 +411,17 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
     summary |= await dev_stripe.finish(settings, pool, services)
     summary |= await top_ups.finish(scrape(bridge_port))
     summary["api_answers"] = await asyncio.to_thread(_api_answers, settings)
+    async with pool.acquire() as conn:
+        books = await audit(conn, {m.key: m.credits_per_unit for m in settings.meters},
+                            settings.processor.credit_decimal_places)
+    summary["ledger_invariants_hold"] = books.holds
+    if not books.holds:
+        summary["ledger_violations"] = books.violations
     # "exact" includes the Stripe-bought credits: one grant per top-up, balances = ledger sums
     summary["ledger_matches_expected"] = (summary["ledger_matches_expected"]
                                           and summary["stripe_grants_exact"]
-                                          and summary["balances_equal_ledger"])
+                                          and summary["balances_equal_ledger"]
+                                          and summary["ledger_invariants_hold"])
     if prom is not None:
         summary["prometheus"] = await asyncio.to_thread(
             check_prometheus, prom, Path(args.deploy_dir))

@@ -10,9 +10,10 @@ Order inside the transaction, and why it is safe:
    (marks that count before their debit commits lose usage on a crash);
 3. fold the new events into window aggregates (a late window becomes a
    correction, seq 1, 2, ...), debit `quantity x credits_per_unit`;
-4. burn the customers' grants (rows locked in customer order), append ledger
-   entries and allocations, update balances;
-5. write outbox rows (`usage.aggregates`, `billing.balance-changes`);
+4. turn each aggregate's credits into ledger transfers (`meterline.ledger`: it
+   locks balances then grants in its one order, writes entries, transfers,
+   balances and the `billing.balance-changes` outbox rows);
+5. write `usage.aggregates` outbox rows;
 6. store the partitions' next offsets.
 
 Commit makes all of it visible at once; a crash anywhere before that leaves
@@ -33,9 +34,12 @@ import asyncpg
 import orjson
 
 from meterline.config import MeterConfig
-from meterline.core.credits import BalanceChange, Grant, burn_down, debit_for, decimal_text
+from meterline.core.credits import BalanceChange, debit_for, decimal_text
 from meterline.core.events import EPOCH
+from meterline.core.money import MONEY
 from meterline.core.windows import Closable, WindowBuffer, WindowValue, as_decimal, fold
+from meterline.ledger.accounts import USAGE_ACCOUNT
+from meterline.ledger.book import Entry, open_books, paid_for_windows, post
 from meterline.storage.checkpoints import check_epochs, store_offsets
 from meterline.storage.dedupe import confirm
 
@@ -78,9 +82,11 @@ def ms_to_dt(ms: int) -> datetime:
     return EPOCH + timedelta(milliseconds=ms)
 
 
+# The window's latest value, and what all its aggregates debited so far.
 PREVIOUS_VALUES = """
 SELECT DISTINCT ON (a.customer_id, a.meter, a.window_start)
-       a.customer_id, a.meter, a.window_start, a.seq, a.window_value, a.value_time_ms, a.value_offset
+       a.customer_id, a.meter, a.window_start, a.seq, a.window_value, a.value_time_ms, a.value_offset,
+       sum(a.credits) OVER (PARTITION BY a.customer_id, a.meter, a.window_start) AS debited
 FROM window_aggregates a
 JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) AS w (customer_id, meter, window_start)
   USING (customer_id, meter, window_start)
@@ -94,42 +100,6 @@ INSERT INTO window_aggregates (id, customer_id, meter, window_start, window_end,
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
     $6::int[], $7::numeric[], $8::numeric[], $9::bigint[], $10::bigint[], $11::int[],
     $12::numeric[], $13::int[], $14::bigint[], $15::bigint[])
-"""
-
-ENSURE_BALANCES = """
-INSERT INTO balances (customer_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING
-"""
-
-LOCK_BALANCES = """
-SELECT customer_id, balance, granted FROM balances
-WHERE customer_id = ANY($1::text[]) ORDER BY customer_id FOR UPDATE
-"""
-
-LOCK_GRANTS = """
-SELECT id, customer_id, remaining, priority, effective_at, expires_at FROM grants
-WHERE customer_id = ANY($1::text[]) AND remaining > 0 ORDER BY customer_id, id FOR UPDATE
-"""
-
-INSERT_DEBITS = """
-INSERT INTO ledger_entries (customer_id, kind, amount, overage, meter, aggregate_id, reason)
-SELECT c, 'debit', a, o, m, g, 'usage'
-FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::text[], $5::text[]) AS u (c, a, o, m, g)
-RETURNING id, aggregate_id
-"""
-
-INSERT_ALLOCATIONS = """
-INSERT INTO debit_allocations (ledger_entry_id, grant_id, credits)
-SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::numeric[])
-"""
-
-UPDATE_GRANTS = """
-UPDATE grants g SET remaining = u.remaining
-FROM unnest($1::bigint[], $2::numeric[]) AS u (id, remaining) WHERE g.id = u.id
-"""
-
-UPDATE_BALANCES = """
-UPDATE balances b SET balance = u.balance, updated_at = now()
-FROM unnest($1::text[], $2::numeric[]) AS u (customer_id, balance) WHERE b.customer_id = u.customer_id
 """
 
 INSERT_OUTBOX = """
@@ -170,7 +140,7 @@ async def flush(
         if aggregates:
             await _insert_aggregates(conn, aggregates, policy)
             changes = await _debit(conn, aggregates, policy, now, result)
-            await _write_outbox(conn, aggregates, changes, policy)
+            await _write_outbox(conn, aggregates, policy)
             result.thresholds_crossed = [t for c in changes for t in c.crossed()]
         await store_offsets(conn, policy.usage_topic, closable.checkpoints)
     return result
@@ -215,7 +185,11 @@ async def _aggregate(
             prev = WindowValue(prev_row["window_value"],
                                (prev_row["value_time_ms"], prev_row["value_offset"]))
         value, quantity = fold(meter.aggregation, w.events, prev, total=w.total)
-        credits = debit_for(quantity, meter.credits_per_unit, policy.credit_places)
+        # Invariant 3: the window's debits add up to round(final value x rate) exactly,
+        # however its events were split; never a sum of separately rounded deltas.
+        credits = MONEY.subtract(
+            debit_for(value.quantity, meter.credits_per_unit, policy.credit_places),
+            prev_row["debited"] if prev_row is not None else 0)
         aggregates.append(_Aggregate(aggregate_id(*k, seq), w, seq, value, quantity, credits))
         result.events_by_meter[meter.key] += len(w.events)
         for bucket, n in w.time_counts.items():
@@ -248,67 +222,41 @@ async def _debit(
     now: datetime,
     result: FlushResult,
 ) -> list[BalanceChange]:
+    """The aggregates' credits as ledger transfers: grants (or the receivable) -> usage for
+    a debit, and the reversal of what paid the window for a credit-back (meterline.ledger)."""
     billable = [a for a in aggregates if a.credits != 0]
     if not billable:
         return []
-    customers = sorted({a.window.key.customer for a in billable})
-    await conn.execute(ENSURE_BALANCES, customers)
-    balances = {r["customer_id"]: r for r in await conn.fetch(LOCK_BALANCES, customers)}
-    grants_by_customer: dict[str, list[Grant]] = defaultdict(list)
-    for r in await conn.fetch(LOCK_GRANTS, customers):
-        grants_by_customer[r["customer_id"]].append(
-            Grant(r["id"], r["remaining"], r["priority"], r["effective_at"], r["expires_at"]))
-
+    backs = [_window_of(a) for a in billable if a.credits < 0]
+    paid = await paid_for_windows(conn, backs) if backs else {}
+    books = await open_books(conn, (a.window.key.customer for a in billable),
+                             [p.source.grant for ps in paid.values() for p in ps
+                              if p.source.grant is not None])
     # Burn in a stable order: customer, window start, meter, seq.
     billable.sort(key=lambda a: (a.window.key.customer, a.window.key.start_ms, a.window.key.meter, a.seq))
-    burns = []
+    entries = []
     for a in billable:
-        grants = grants_by_customer[a.window.key.customer]
-        burn, grants_by_customer[a.window.key.customer] = burn_down(grants, a.credits, now)
-        burns.append(burn)
-    entries = await conn.fetch(
-        INSERT_DEBITS,
-        [a.window.key.customer for a in billable],
-        [-a.credits for a in billable],
-        [max(b.overage, Decimal(0)) for b in burns],
-        [a.window.key.meter for a in billable],
-        [a.id for a in billable],
-    )
-    entry_of = {r["aggregate_id"]: r["id"] for r in entries}
-    alloc_entry, alloc_grant, alloc_credits = [], [], []
-    for a, burn in zip(billable, burns, strict=True):
-        for grant_id, credits in burn.allocations:
-            alloc_entry.append(entry_of[a.id])
-            alloc_grant.append(grant_id)
-            alloc_credits.append(credits)
-    if alloc_entry:
-        await conn.execute(INSERT_ALLOCATIONS, alloc_entry, alloc_grant, alloc_credits)
-        touched = {g for g in alloc_grant}
-        final = [g for gs in grants_by_customer.values() for g in gs if g.id in touched]
-        await conn.execute(UPDATE_GRANTS, [g.id for g in final], [g.remaining for g in final])
-
-    changes = []
-    by_customer: dict[str, list[_Aggregate]] = defaultdict(list)
-    for a in billable:
-        by_customer[a.window.key.customer].append(a)
-    for customer, aggs in by_customer.items():
-        before = balances[customer]["balance"]
-        debited = sum((a.credits for a in aggs), Decimal(0))
-        changes.append(BalanceChange(
-            customer, before, before - debited, balances[customer]["granted"], "usage",
-            tuple(entry_of[a.id] for a in aggs), policy.thresholds))
-        result.credits_debited += debited
-    await conn.execute(UPDATE_BALANCES, [c.customer for c in changes], [c.balance_after for c in changes])
+        k = a.window.key
+        book = books[k.customer]
+        if a.credits > 0:
+            transfers = book.use(a.credits, ms_to_dt(k.start_ms), now, USAGE_ACCOUNT, "usage")
+        else:
+            transfers = book.credit_back(MONEY.minus(a.credits), paid.get(_window_of(a), []), now)
+        entries.append(Entry(k.customer, "debit", "usage", tuple(transfers), meter=k.meter,
+                             aggregate_id=a.id))
+        result.credits_debited = MONEY.add(result.credits_debited, a.credits)
     result.debits = len(billable)
-    return changes
+    return await post(conn, books, entries, policy.balance_changes_topic, policy.thresholds)
+
+
+def _window_of(a: _Aggregate) -> tuple[str, str, datetime]:
+    return a.window.key.customer, a.window.key.meter, ms_to_dt(a.window.key.start_ms)
 
 
 async def _write_outbox(
-    conn: asyncpg.Connection,
-    aggregates: list[_Aggregate],
-    changes: list[BalanceChange],
-    policy: FlushPolicy,
+    conn: asyncpg.Connection, aggregates: list[_Aggregate], policy: FlushPolicy
 ) -> None:
+    """usage.aggregates rows (the balance changes are the ledger's, written by `post`)."""
     topics, keys, payloads = [], [], []
     size = policy.window_size_ms
     for a in aggregates:
@@ -330,9 +278,4 @@ async def _write_outbox(
             "credits": decimal_text(a.credits),
             "event_count": len(a.window.events),
         }))
-    for c in changes:
-        topics.append(policy.balance_changes_topic)
-        keys.append(c.customer)
-        message = c.to_message()
-        payloads.append(orjson.dumps(message))
     await conn.execute(INSERT_OUTBOX, topics, keys, payloads)

@@ -1,197 +1,37 @@
-"""Grants into the ledger: idempotent grants, plan allocations, expiry write-offs, config sync.
+"""Plan allocations and config sync: which grants to make, made through `meterline.ledger`.
 
-Every function here changes balances only through ledger entries, in one
-transaction, and publishes the change through the outbox.
+Every credit change here goes through the ledger (transfers, balances, outbox in
+one transaction); this module only decides plan periods and config grants.
 """
 
 from __future__ import annotations
 
 import calendar
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
-import orjson
 
+from meterline.billing.plans import upgrade_credits
 from meterline.config import PlanConfig, Settings
-from meterline.core.credits import BalanceChange, Grant, burn_down
 
-INSERT_GRANT = """
-INSERT INTO grants (customer_id, amount, remaining, priority, effective_at, expires_at, source, source_ref)
-VALUES ($1, $2, $2, $3, $4, $5, $6, $7)
-ON CONFLICT (source, source_ref) DO NOTHING
-RETURNING id
-"""
+# The ledger's grant and expiry entry points, re-exported for callers that predate it
+# (the processor's maintenance loop imports expiry from here).
+from meterline.ledger import (
+    GrantRequest,
+    apply_adjustment,
+    apply_grant,
+    apply_grant_change,
+    expire_grants,
+    void_grant_credits,
+)
 
-LOCK_BALANCE = """
-INSERT INTO balances (customer_id) VALUES ($1)
-ON CONFLICT (customer_id) DO UPDATE SET customer_id = excluded.customer_id
-RETURNING balance, granted
-"""
-
-APPLY_TO_BALANCE = """
-UPDATE balances SET balance = balance + $2, granted = granted + $3, updated_at = now()
-WHERE customer_id = $1
-"""
-
-INSERT_ENTRY = """
-INSERT INTO ledger_entries (customer_id, kind, amount, grant_id, reason, overage)
-VALUES ($1, $2, $3, $4, $5, $6) RETURNING id
-"""
-
-LOCK_USABLE_GRANTS = """
-SELECT id, remaining, priority, effective_at, expires_at FROM grants
-WHERE customer_id = $1 AND remaining > 0 ORDER BY id FOR UPDATE
-"""
-
-SET_REMAINING = """
-UPDATE grants g SET remaining = u.remaining
-FROM unnest($1::bigint[], $2::numeric[]) AS u (id, remaining) WHERE g.id = u.id
-"""
-
-INSERT_ALLOCATIONS = """
-INSERT INTO debit_allocations (ledger_entry_id, grant_id, credits)
-SELECT $1, * FROM unnest($2::bigint[], $3::numeric[])
-"""
-
-EXPIRED = """
-SELECT id, customer_id, amount, remaining FROM grants
-WHERE expires_at <= $1 AND remaining > 0 ORDER BY customer_id, id FOR UPDATE SKIP LOCKED
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class GrantRequest:
-    customer: str
-    amount: Decimal
-    source: str
-    source_ref: str
-    priority: int = 10
-    effective_at: datetime | None = None
-    expires_at: datetime | None = None
-    reason: str = "grant"
-
-
-async def apply_grant(
-    conn: asyncpg.Connection, req: GrantRequest, balance_topic: str, thresholds: tuple[int, ...]
-) -> int | None:
-    """Grant credits once per (source, source_ref); return the grant id, or None if already granted."""
-    applied = await apply_grant_change(conn, req, balance_topic, thresholds)
-    return None if applied is None else applied[0]
-
-
-async def apply_grant_change(
-    conn: asyncpg.Connection, req: GrantRequest, balance_topic: str, thresholds: tuple[int, ...]
-) -> tuple[int, BalanceChange] | None:
-    """`apply_grant` that also returns the balance change (its ledger entry id, balance after)."""
-    async with conn.transaction():
-        grant_id = await conn.fetchval(
-            INSERT_GRANT, req.customer, req.amount, req.priority,
-            req.effective_at or datetime.now(UTC), req.expires_at, req.source, req.source_ref)
-        if grant_id is None:
-            return None
-        change = await _ledger_change(conn, req.customer, "grant", req.amount, req.amount,
-                                      grant_id, req.reason, balance_topic, thresholds)
-        return int(grant_id), change
-
-
-async def apply_adjustment(
-    conn: asyncpg.Connection,
-    customer: str,
-    amount: Decimal,
-    reason: str,
-    balance_topic: str,
-    thresholds: tuple[int, ...],
-    now: datetime,
-) -> BalanceChange:
-    """Take `-amount` credits off a customer (amount < 0) as one `adjustment` ledger entry.
-
-    The credits come out of the usable grants in burn-down order, exactly as a
-    debit would take them; otherwise an expiry would later write off credits an
-    adjustment had already removed. What no grant covers takes the balance below
-    zero and is recorded as the entry's overage. Not idempotent by itself: the
-    caller records its idempotency key in the same transaction.
-    """
-    if amount >= 0:
-        raise ValueError("an adjustment removes credits: amount must be negative")
-    async with conn.transaction():
-        await conn.fetchrow(LOCK_BALANCE, customer)  # balance before grants, as the flush does
-        grants = [Grant(r["id"], r["remaining"], r["priority"], r["effective_at"], r["expires_at"])
-                  for r in await conn.fetch(LOCK_USABLE_GRANTS, customer)]
-        burn, updated = burn_down(grants, -amount, now)
-        taken = {g for g, _ in burn.allocations}
-        await conn.execute(SET_REMAINING, [g.id for g in updated if g.id in taken],
-                           [g.remaining for g in updated if g.id in taken])
-        change = await _ledger_change(conn, customer, "adjustment", amount, Decimal(0), None,
-                                      reason, balance_topic, thresholds, overage=burn.overage)
-        if burn.allocations:
-            await conn.execute(INSERT_ALLOCATIONS, change.ledger_entry_ids[-1],
-                               [g for g, _ in burn.allocations], [c for _, c in burn.allocations])
-        return change
-
-
-async def _ledger_change(
-    conn: asyncpg.Connection,
-    customer: str,
-    kind: str,
-    amount: Decimal,
-    granted_delta: Decimal,
-    grant_id: int | None,
-    reason: str,
-    balance_topic: str,
-    thresholds: tuple[int, ...],
-    overage: Decimal = Decimal(0),
-) -> BalanceChange:
-    row = await conn.fetchrow(LOCK_BALANCE, customer)
-    entry_id = await conn.fetchval(INSERT_ENTRY, customer, kind, amount, grant_id, reason, overage)
-    await conn.execute(APPLY_TO_BALANCE, customer, amount, granted_delta)
-    change = BalanceChange(customer, row["balance"], row["balance"] + amount,
-                           row["granted"] + granted_delta, reason, (entry_id,), thresholds)
-    await conn.execute(
-        "INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)",
-        balance_topic, customer, orjson.dumps(change.to_message()))
-    return change
-
-
-async def expire_grants(
-    conn: asyncpg.Connection, now: datetime, balance_topic: str, thresholds: tuple[int, ...]
-) -> int:
-    """Write off the remainders of expired grants; return how many grants expired."""
-    async with conn.transaction():
-        rows = await conn.fetch(EXPIRED, now)
-        for r in rows:
-            await conn.execute("UPDATE grants SET remaining = 0 WHERE id = $1", r["id"])
-            await _ledger_change(conn, r["customer_id"], "expiry", -r["remaining"], -r["amount"],
-                                 r["id"], "expiry", balance_topic, thresholds)
-        return len(rows)
-
-
-async def void_grant_credits(
-    conn: asyncpg.Connection, grant_id: int, credits: Decimal, reason: str,
-    balance_topic: str, thresholds: tuple[int, ...],
-) -> Decimal:
-    """Take up to `credits` of a grant's remaining credits out of the ledger (a `void` entry,
-    e.g. a refunded purchase); return what was voided. Credits already used stay used.
-
-    The grant stops counting towards `granted` by what is voided, as if it had been
-    that much smaller. Not idempotent by itself: the caller records its key.
-    """
-    async with conn.transaction():
-        # the flush's lock order -- the customer's balance row, then its grants -- so a
-        # refund racing a debit waits instead of deadlocking
-        customer = await conn.fetchval("SELECT customer_id FROM grants WHERE id = $1", grant_id)
-        await conn.execute("SELECT 1 FROM balances WHERE customer_id = $1 FOR UPDATE", customer)
-        row = await conn.fetchrow(
-            "SELECT customer_id, remaining FROM grants WHERE id = $1 FOR UPDATE", grant_id)
-        take = min(row["remaining"], credits)
-        if take <= 0:
-            return Decimal(0)
-        await conn.execute("UPDATE grants SET remaining = remaining - $2 WHERE id = $1",
-                           grant_id, take)
-        await _ledger_change(conn, row["customer_id"], "void", -take, -take, grant_id, reason,
-                             balance_topic, thresholds)
-        return Decimal(take)
+__all__ = [
+    "GrantRequest", "allocate_plan_periods", "periods_to_allocate", "apply_adjustment", "apply_grant",
+    "apply_grant_change", "expire_grants", "period_bounds", "plan_grant_request", "sync_config",
+    "sync_plans", "void_grant_credits",
+]
 
 
 def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime]:
@@ -218,26 +58,107 @@ def plan_grant_request(
                         end if plan.carryover == "reset" else None, reason="plan_allocation")
 
 
+# Each config customer's latest allocated period, its base plan and the plans seen in it.
+LATEST_PERIODS = """
+SELECT c.id, c.plan_key, p.period_start, p.plan_key AS base_plan,
+       ARRAY(SELECT ch.plan_key FROM config_plan_changes ch
+             WHERE ch.customer_id = c.id AND ch.period_start = p.period_start) AS seen
+FROM customers c
+LEFT JOIN LATERAL (SELECT period_start, plan_key FROM config_plan_periods
+                   WHERE customer_id = c.id ORDER BY period_start DESC LIMIT 1) p ON true
+WHERE c.plan_key IS NOT NULL AND c.plan_source = 'config'
+"""
+INSERT_PERIOD = """
+INSERT INTO config_plan_periods (customer_id, period_start, period_end, plan_key, base_credits)
+VALUES ($1, $2, $3, $4, $5) ON CONFLICT (customer_id, period_start) DO NOTHING RETURNING plan_key
+"""
+SEE_PLAN = """
+INSERT INTO config_plan_changes (customer_id, period_start, plan_key, seen_at)
+VALUES ($1, $2, $3, $4) ON CONFLICT (customer_id, period_start, plan_key) DO NOTHING
+"""
+PERIOD_FOR_UPDATE = """
+SELECT period_end, plan_key, base_credits, upgrade_credits FROM config_plan_periods
+WHERE customer_id = $1 AND period_start = $2 FOR UPDATE
+"""
+PERIOD_CHANGES = """
+SELECT extract(epoch FROM seen_at)::bigint AS at, plan_key FROM config_plan_changes
+WHERE customer_id = $1 AND period_start = $2
+"""
+SET_UPGRADE = """
+UPDATE config_plan_periods SET upgrade_credits = $3 WHERE customer_id = $1 AND period_start = $2
+"""
+
+
+def periods_to_allocate(
+    period: str, carryover: str, last_start: datetime | None, now: datetime,
+) -> list[tuple[datetime, datetime]]:
+    """The periods a config customer is owed at `now`: the current one, and for a rollover
+    plan every period missed since the last allocated one (no processor ran then; rollover
+    credits would still be theirs). A reset plan's missed periods expired unused anyway."""
+    current = period_bounds(period, now)
+    if carryover != "rollover" or last_start is None or last_start >= current[0]:
+        return [current]
+    out = []
+    start, end = period_bounds(period, last_start)
+    while end <= current[0]:
+        start, end = period_bounds(period, end)
+        out.append((start, end))
+    return out or [current]
+
+
 async def allocate_plan_periods(
     conn: asyncpg.Connection, settings: Settings, now: datetime
 ) -> int:
-    """Grant each customer's plan credits for the current period, once; return grants made."""
+    """Grant each config customer's plan credits for the periods it is owed, once; a plan
+    changed in the config mid-period is prorated exactly like a Stripe upgrade
+    (billing.plans: the highest plan reached so far, integrated over the period, minus the
+    base; a lower plan waits for the next period). Returns the grants made."""
     plans: dict[str, PlanConfig] = {p.key: p for p in settings.plans}
+    made = 0
     # Customers whose plan comes from a Stripe subscription get their periods from Stripe
     # (meterline.billing), not from the calendar.
-    rows = await conn.fetch(
-        "SELECT id, plan_key FROM customers WHERE plan_key IS NOT NULL AND plan_source = 'config'")
-    made = 0
-    for r in rows:
+    for r in await conn.fetch(LATEST_PERIODS):
         plan = plans.get(r["plan_key"])
-        if plan is None or plan.included_credits <= 0:
+        if plan is None:
             continue
-        start, end = period_bounds(plan.period, now)
-        req = plan_grant_request(r["id"], plan, plan.included_credits, start, end,
-                                 "plan_allocation", f"{r['id']}:{plan.key}:{start.isoformat()}")
-        if await apply_grant(conn, req, settings.kafka.balance_changes_topic,
-                             settings.processor.thresholds_percent) is not None:
-            made += 1
+        periods = periods_to_allocate(plan.period, plan.carryover, r["period_start"], now)
+        if len(periods) == 1 and periods[0][0] == r["period_start"] and plan.key in r["seen"]:
+            continue  # the current period is allocated and this plan already counted: no-op
+        for start, end in periods:
+            made += await _allocate_period(conn, settings, r["id"], plan, plans, start, end, now)
+    return made
+
+
+async def _allocate_period(
+    conn: asyncpg.Connection, settings: Settings, customer: str, plan: PlanConfig,
+    plans: dict[str, PlanConfig], start: datetime, end: datetime, now: datetime,
+) -> int:
+    topic, thresholds = settings.kafka.balance_changes_topic, settings.processor.thresholds_percent
+    made = 0
+    async with conn.transaction():
+        if await conn.fetchval(INSERT_PERIOD, customer, start, end, plan.key,
+                               plan.included_credits) is not None and plan.included_credits > 0:
+            req = plan_grant_request(customer, plan, plan.included_credits, start, end,
+                                     "plan_allocation", f"{customer}:{plan.key}:{start.isoformat()}")
+            made += await apply_grant(conn, req, topic, thresholds, now) is not None
+        await conn.execute(SEE_PLAN, customer, start, plan.key, max(now, start))
+        period = await conn.fetchrow(PERIOD_FOR_UPDATE, customer, start)
+        changes = [(r["at"], plans[r["plan_key"]].included_credits)
+                   for r in await conn.fetch(PERIOD_CHANGES, customer, start)
+                   if r["plan_key"] in plans]
+        target = upgrade_credits(period["base_credits"], int(start.timestamp()),
+                                 int(period["period_end"].timestamp()), changes,
+                                 settings.processor.credit_decimal_places)
+        owed = target - period["upgrade_credits"]
+        base_plan = plans.get(period["plan_key"], plan)
+        if owed > 0:
+            # the period's own plan terms (priority, reset/rollover), as on the Stripe path
+            req = replace(plan_grant_request(customer, base_plan, owed, start, period["period_end"],
+                                             "plan_allocation",
+                                             f"{customer}:{start.isoformat()}:upgrade:{target}"),
+                          reason="plan_upgrade")
+            made += await apply_grant(conn, req, topic, thresholds, now) is not None
+            await conn.execute(SET_UPGRADE, customer, start, target)
     return made
 
 

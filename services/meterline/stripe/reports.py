@@ -65,6 +65,25 @@ def bucket_of(window_start: datetime, interval_seconds: int) -> datetime:
     return datetime.fromtimestamp(epoch - epoch % interval_seconds, UTC)
 
 
+# Stripe refuses meter events whose timestamp is more than 35 days old.
+STRIPE_MAX_AGE_SECONDS = 35 * 86_400
+STRIPE_AGE_MARGIN_SECONDS = 60  # the request's own time in flight, clock skew
+
+
+def stripe_timestamp(bucket_start: datetime, now: datetime, slack_seconds: int) -> int:
+    """The meter event's timestamp: its bucket's start, unless that lies just past Stripe's
+    35 days while its events do not. A bucket (and a 5 s window) starts up to
+    `slack_seconds` before its events, so usage accepted seconds inside meterline's max
+    lateness could be refused; it is stamped at the oldest instant Stripe takes instead
+    (seconds later: the same billing period). A report older than that is not moved: Stripe
+    refuses it and it is dead-lettered, as before."""
+    start = int(bucket_start.timestamp())
+    oldest = int(now.timestamp()) - STRIPE_MAX_AGE_SECONDS + STRIPE_AGE_MARGIN_SECONDS
+    if start < oldest <= start + slack_seconds + STRIPE_AGE_MARGIN_SECONDS:
+        return oldest
+    return start
+
+
 async def stage(conn: asyncpg.Connection, items: Sequence[Staged], interval_seconds: int,
                 seal_grace_seconds: float) -> int:
     """Record `items` (ignoring aggregates staged before) and add them to open reports.

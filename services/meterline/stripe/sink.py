@@ -110,6 +110,7 @@ class StripeSink:
         self.transport = transport
         self.dlq = dlq
         self.meters: dict[str, MeterConfig] = {m.key: m for m in settings.meters}
+        self.window_seconds = -(-settings.processor.window_size_ms // 1000)  # ceil
         self.limiter = AsyncLimiter(self.cfg.rate_limit_per_second, 1)
         self.breaker = CircuitBreaker(
             failure_threshold=self.cfg.circuit_failure_threshold,
@@ -304,7 +305,9 @@ class StripeSink:
             customer_key=cfg.stripe_customer_key if cfg else "stripe_customer_id",
             stripe_customer_id=c.stripe_customer_id,
             value_key=cfg.stripe_value_key if cfg else "value",
-            value=c.quantity, timestamp=int(c.bucket_start.timestamp()))
+            value=c.quantity, timestamp=reports.stripe_timestamp(
+                c.bucket_start, datetime.now(UTC), max(self.cfg.coalesce_interval_seconds,
+                                                       self.window_seconds)))
 
     async def record(self, outcomes: Sequence[tuple[Claimed, Result]]) -> None:
         """Persist outcomes; rejected reports reach the DLQ before they are marked."""

@@ -173,7 +173,8 @@ def test_paid_subscription_invoice_allocates_the_lines_plan_for_its_period(reaso
     d = applied(decide(raw("invoice.paid", sub_invoice(reason, plan_price("pro"))), CAT))
 
     assert d.actions == (PaymentOutcome(True, "in_2"),
-                         PeriodAllocation("sub_1", "pro", T0, T0 + MONTH, "in_2"))
+                         PeriodAllocation("sub_1", "pro", T0, T0 + MONTH, "in_2",
+                                          refs=("in_2", "pi_2")))
 
 
 def test_proration_lines_allocate_nothing_upgrades_come_from_the_subscription() -> None:
@@ -212,7 +213,18 @@ def test_2025_invoice_shape_with_parent_and_pricing_allocates_too() -> None:
 
     d = applied(decide(raw("invoice.paid", inv), CAT))
 
-    assert d.actions[1] == PeriodAllocation("sub_9", "pro", T0, T0 + MONTH, "in_3")
+    assert d.actions[1] == PeriodAllocation("sub_9", "pro", T0, T0 + MONTH, "in_3", refs=("in_3",))
+
+
+def test_2025_invoice_payments_name_the_payment_intent_refunds_find_it_by() -> None:
+    inv = sub_invoice("subscription_cycle", plan_price("pro")) | {"payment_intent": None, "payments": {
+        "object": "list", "data": [{"object": "invoice_payment", "id": "inpay_1",
+                                    "payment": {"type": "payment_intent", "payment_intent": "pi_25"}}]}}
+
+    d = applied(decide(raw("invoice.paid", inv), CAT))
+
+    assert d.actions[1] == PeriodAllocation("sub_1", "pro", T0, T0 + MONTH, "in_2",
+                                            refs=("in_2", "pi_25"))
 
 
 def test_failed_invoice_payment_flags_past_due() -> None:
@@ -301,6 +313,35 @@ def test_refund_above_the_charge_is_an_invalid_object() -> None:
 
     assert isinstance(d, Reject)
     assert d.reason is Reason.INVALID_OBJECT
+
+
+def dispute(status: str, charge: object = "ch_1", amount: int = 5000) -> dict[str, object]:
+    return {"id": "du_1", "object": "dispute", "amount": amount, "charge": charge,
+            "payment_intent": "pi_1", "status": status, "reason": "fraudulent"}
+
+
+@pytest.mark.parametrize("event_type", ["charge.dispute.created", "charge.dispute.closed"])
+def test_a_lost_dispute_counts_its_amount_as_refunded(event_type: str) -> None:
+    d = applied(decide(raw(event_type, dispute("lost")), CAT))
+
+    assert d.actions == (ChargeRefund("ch_1", "pi_1", None, 5000, 5000),)
+
+
+def test_a_lost_partial_dispute_of_an_expanded_charge_is_its_share_of_the_charge() -> None:
+    ch = objects.charge("ch_1", customer="cus_1", amount=8000, amount_refunded=0, created=T0,
+                        payment_intent="pi_1")
+
+    d = applied(decide(raw("charge.dispute.closed", dispute("lost", ch, 2000)), CAT))
+
+    assert d.actions == (ChargeRefund("ch_1", "pi_1", None, 8000, 2000),)
+
+
+@pytest.mark.parametrize("status", ["needs_response", "under_review", "won", "warning_closed"])
+def test_an_open_or_won_dispute_changes_nothing(status: str) -> None:
+    d = decide(raw("charge.dispute.closed", dispute(status)), CAT)
+
+    assert isinstance(d, Ignore)
+    assert d.why == "dispute_not_lost"
 
 
 # --- irrelevant and malformed --------------------------------------------------------------------

@@ -18,6 +18,7 @@ from meterline.core.credits import (
     debit_for,
     depleted,
     round_credits,
+    threshold_fires,
     thresholds_crossed,
 )
 
@@ -312,6 +313,43 @@ def test_thresholds_crossed(before: str, after: str, granted: str, expected: tup
     assert thresholds_crossed(D(before), D(after), D(granted), THRESHOLDS) == expected
 
 
+# (fired before, balance before -> after, granted before -> after, fires, fired after)
+FIRES = [
+    # a debit from 40% to 80% used fires 50 and 75 and remembers them
+    ("", "60", "20", "100", "100", (50, 75), {50, 75}),
+    # a further debit fires only what it newly reaches
+    ("50,75", "20", "5", "100", "100", (90,), {50, 75, 90}),
+    # expiry of a used-up grant shrinks the base: 75% -> 50%, nothing fires, nothing re-arms
+    ("50,75", "50", "50", "200", "100", (), {50, 75}),
+    # ... so the next debit to 60% does not fire 50 again (the balance never recovered)
+    ("50,75", "50", "40", "100", "100", (), {50, 75}),
+    # expiry of an unused remainder: 70% -> 100% fires 75, 90, 100, never 50 a second time
+    ("50", "60", "0", "200", "100", (75, 90, 100), {50, 75, 90, 100}),
+    # a credit-back that takes the share back under 75 re-arms 75 (the balance recovered) ...
+    ("50,75", "20", "30", "100", "100", (), {50}),
+    # ... and crossing it again fires it again: a real recrossing
+    ("50", "30", "20", "100", "100", (75,), {50, 75}),
+    # a top-up (the next period's allocation) re-arms everything the share fell under:
+    # 95% -> 50% keeps 50 fired, re-arms 75 and 90
+    ("50,75,90", "5", "95", "100", "190", (), {50}),
+    # fired not known (migrated books): what was reached before counts as fired
+    (None, "20", "5", "100", "100", (90,), {50, 75, 90}),
+    # no grants: no thresholds
+    ("", "0", "-10", "0", "0", (), set()),
+]
+
+
+@pytest.mark.parametrize(("fired", "before", "after", "g_before", "g_after", "fires", "fired_after"),
+                         FIRES)
+def test_threshold_fires_once_per_crossing(
+    fired: str | None, before: str, after: str, g_before: str, g_after: str,
+    fires: tuple[int, ...], fired_after: set[int],
+) -> None:
+    known = None if fired is None else frozenset(int(t) for t in fired.split(",") if t)
+    assert threshold_fires(known, D(before), D(after), D(g_before), D(g_after), THRESHOLDS) == (
+        fires, frozenset(fired_after))
+
+
 DEPLETIONS = [
     # positive to exactly zero
     ("1", "0", True),
@@ -353,6 +391,8 @@ def test_balance_change_message_carries_exact_strings_thresholds_and_depletion()
         "ledger_entry_ids": [7, 9],
         "thresholds_crossed": [90, 100],  # 89.5% used before, 100.25% after
         "depleted": True,
+        "granted": "100",
+        "transfers": [],  # the ledger fills them in (tests/integration/test_ledger_transfers.py)
     }
 
 

@@ -128,6 +128,13 @@ def test_known_customer_is_accepted_when_known_customers_is_a_set() -> None:
     assert [ev.customer for ev in parsed.accepted] == ["cus_1"]
 
 
+def test_a_string_value_beyond_stripes_15_significant_digits_is_rejected_with_the_reason() -> None:
+    rejection = only_rejection(parse(raw(event(data={"tokens": "1234567890.123456"}))))  # 16
+
+    assert rejection.reason is Reason.INVALID_VALUE
+    assert "15 significant digits" in rejection.detail
+
+
 def test_numeric_string_value_is_accepted_exactly() -> None:
     [ev] = parse(raw(event(data={"tokens": "1.5"}))).accepted
 
@@ -241,6 +248,9 @@ REJECTED_MESSAGES = [
     pytest.param(raw(event(data={"tokens": "abc"})), Reason.INVALID_VALUE, id="value-string-abc"),
     pytest.param(raw(event(data={"tokens": "NaN"})), Reason.INVALID_VALUE, id="value-string-nan"),
     pytest.param(raw(event(data={"tokens": "Infinity"})), Reason.INVALID_VALUE, id="value-string-infinity"),
+    # more significant digits than a Stripe meter event value may carry (15, issue 10.11)
+    pytest.param(raw(event(data={"tokens": "0.30000000000000000001"})), Reason.INVALID_VALUE,
+                 id="value-string-more-than-15-significant-digits"),
     # null, arrays and objects are not quantities
     pytest.param(raw(event(data={"tokens": None})), Reason.INVALID_VALUE, id="value-null"),
     pytest.param(raw(event(data={"tokens": [1]})), Reason.INVALID_VALUE, id="value-array"),
@@ -500,7 +510,8 @@ QUANTITIES = [
     (3.0, Decimal("3.0")),
     # numeric strings are parsed by Decimal: exact to every digit
     ("1.5", Decimal("1.5")),
-    ("0.30000000000000000001", Decimal("0.30000000000000000001")),
+    ("0.300000000000001", Decimal("0.300000000000001")),  # 15 significant digits: Stripe's most
+    ("1000000000000000", Decimal("1000000000000000")),  # trailing zeros are not significant
     ("7", Decimal("7")),
     # negative zero is zero, not negative
     (-0.0, Decimal(0)),
@@ -591,9 +602,10 @@ def test_json_number_with_more_digits_than_a_double_is_billed_as_its_double() ->
 
 
 def test_numeric_string_keeps_every_digit() -> None:
-    [ev] = parse(raw(event(data={"tokens": "0.12345678901234567891"}))).accepted
+    # 15 significant digits, the most a Stripe meter event value carries
+    [ev] = parse(raw(event(data={"tokens": "0.000123456789012345"}))).accepted
 
-    assert ev.value == Decimal("0.12345678901234567891")
+    assert ev.value == Decimal("0.000123456789012345")
 
 
 @pytest.mark.parametrize(
