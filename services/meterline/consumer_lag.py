@@ -6,16 +6,21 @@ offsets from Kafka; meterline's processor keeps its offsets in Postgres (with th
 so there is no committed offset for them to read. Each meterline consumer measures its
 own lag instead, from the records it is handed:
 
-- After a batch that reaches the high watermark nothing waits: lag 0.
-- After a batch that stops short of it, the next record was appended no earlier than the
-  last one handed over, so ``now - last.timestamp`` is the age of the oldest unconsumed
-  record, exact to within the gap between two records (an upper bound). This reads the
-  record's Kafka timestamp rather than interpolating offsets over time (kafka-lag-exporter's
-  way) because the consumer already holds it, at no cost. With CreateTime topics a
-  producer that stamps old times inflates it; LogAppendTime topics make it exact.
+- When records are fetched and nothing was waiting, the first of them is the oldest
+  unconsumed record: its Kafka timestamp is where the lag counts from (exact).
+- Once the application has consumed a batch (applied, staged, committed — each consumer
+  says when) that reaches the high watermark, nothing waits: lag 0.
+- After a consumed batch that stops short of it, the next record was appended no earlier
+  than the last one consumed, so ``now - last.timestamp`` is the age of the oldest
+  unconsumed record, exact to within the gap between two records (an upper bound).
 - Caught up, but the high watermark has since moved past the consumer's position and
-  nothing was handed over (the consumer is stalled): the records waited at least since
-  that was first noticed (a lower bound).
+  nothing was fetched (the consumer is stalled): the records waited at least since that
+  was first noticed (a lower bound).
+
+Timestamps are read from the records rather than by interpolating offsets over time
+(kafka-lag-exporter's way) because the consumer already holds them, at no cost. With
+CreateTime topics a producer that stamps old times inflates the value; LogAppendTime
+topics make it exact.
 
 The gauge is published on a timer, not only per batch, so a consumer that stops
 consuming shows its lag growing instead of freezing at its last value.
@@ -51,15 +56,25 @@ class ConsumerLag:
     topic: str
     partitions: dict[int, PartitionLag] = field(default_factory=dict)
 
+    def fetched(self, partition: int, first_offset: int, first_timestamp_ms: int | None,
+                now: float) -> None:
+        """Records from `first_offset` on reached the consumer, not yet consumed."""
+        lag = self.partitions.setdefault(partition, PartitionLag())
+        if lag.next_offset is None:
+            lag.next_offset = first_offset
+        # Nothing known to wait, or this is the very next record: its time is the answer.
+        if lag.waiting_since is None or lag.next_offset == first_offset:
+            lag.waiting_since = _seconds(first_timestamp_ms, now)
+
     def delivered(self, partition: int, last_offset: int, last_timestamp_ms: int | None,
                   highwater: int | None, now: float) -> None:
-        """Records up to `last_offset` were handed to the application."""
+        """Records up to `last_offset` were consumed by the application."""
         lag = self.partitions.setdefault(partition, PartitionLag())
         lag.next_offset = last_offset + 1
         if highwater is not None and lag.next_offset >= highwater:
             lag.waiting_since = None
         elif last_timestamp_ms is not None and last_timestamp_ms > 0:
-            lag.waiting_since = min(last_timestamp_ms / 1000.0, now)
+            lag.waiting_since = _seconds(last_timestamp_ms, now)
         elif lag.waiting_since is None:
             lag.waiting_since = now  # no timestamp: waiting from now on, at least
 
@@ -88,9 +103,16 @@ class ConsumerLag:
             metrics.CONSUMER_LAG_SECONDS.labels(self.group, self.topic, str(p)).set(
                 self.seconds(p, highwater(p), now))
 
+    def fetched_batches(self, batches: Mapping[TopicPartition, Sequence[Any]],
+                        now: float) -> None:
+        """What `getmany` returned (records with `offset` and `timestamp`), before handling."""
+        for tp, records in batches.items():
+            if records and tp.topic == self.topic:
+                self.fetched(tp.partition, records[0].offset, records[0].timestamp, now)
+
     def delivered_batches(self, batches: Mapping[TopicPartition, Sequence[Any]],
                           highwater: HighWatermark, now: float) -> None:
-        """What `getmany` returned: per partition, records with `offset` and `timestamp`."""
+        """The same batches once handled: consumed."""
         for tp, records in batches.items():
             if records and tp.topic == self.topic:
                 last = records[-1]
@@ -103,6 +125,13 @@ class ConsumerLag:
         while True:
             self.publish(assigned(), highwater, clock())
             await asyncio.sleep(interval_s)
+
+
+def _seconds(timestamp_ms: int | None, now: float) -> float:
+    """A record's Kafka timestamp in Unix seconds; `now` when it has none (-1) or is ahead."""
+    if timestamp_ms is None or timestamp_ms <= 0:
+        return now
+    return min(timestamp_ms / 1000.0, now)
 
 
 def aiokafka_highwater(consumer: AIOKafkaConsumer, topic: str) -> HighWatermark:

@@ -54,6 +54,7 @@ async def test_lag_is_the_age_of_the_oldest_unconsumed_record(
             got = 0
             while got == 0:
                 batches = await consumer.getmany(timeout_ms=1000, max_records=5)
+                lag.fetched_batches(batches, time.time())
                 lag.delivered_batches(batches, highwater, time.time())
                 got = sum(len(r) for r in batches.values())
             await eventually(lambda: (lag_seconds(group, topic) or 0) >= 119)
@@ -66,6 +67,7 @@ async def test_lag_is_the_age_of_the_oldest_unconsumed_record(
             # Consume the rest: nothing waits.
             while got < 20:
                 batches = await consumer.getmany(timeout_ms=1000)
+                lag.fetched_batches(batches, time.time())
                 lag.delivered_batches(batches, highwater, time.time())
                 got += sum(len(r) for r in batches.values())
             await eventually(lambda: lag_seconds(group, topic) == 0.0)

@@ -48,6 +48,26 @@ def test_records_noticed_while_caught_up_age_from_then() -> None:
     assert lag.seconds(0, 12, NOW) == pytest.approx(4.0)
 
 
+def test_fetched_records_age_from_the_first_one_until_consumed() -> None:
+    lag = ConsumerLag("g", "t")
+    lag.fetched(0, 0, int((NOW - 40) * MS), NOW - 1)  # a consumer stuck on its first batch
+
+    assert lag.seconds(0, 100, NOW) == pytest.approx(40.0)
+    lag.fetched(0, 50, int((NOW - 5) * MS), NOW)       # a prefetch further on changes nothing
+    assert lag.seconds(0, 100, NOW) == pytest.approx(40.0)
+    lag.delivered(0, 99, int((NOW - 5) * MS), 100, NOW)
+    assert lag.seconds(0, 100, NOW) == 0.0
+
+
+def test_a_fetch_of_the_very_next_record_gives_the_exact_age() -> None:
+    lag = ConsumerLag("g", "t")
+    lag.delivered(0, 9, int((NOW - 30) * MS), 20, NOW)  # short batch: bound from the last record
+    assert lag.seconds(0, 20, NOW) == pytest.approx(30.0)
+
+    lag.fetched(0, 10, int((NOW - 12) * MS), NOW)       # offset 10 is the next one
+    assert lag.seconds(0, 20, NOW) == pytest.approx(12.0)
+
+
 def _sample(group: str, partition: str) -> float | None:
     return REGISTRY.get_sample_value(
         "meterline_consumer_lag_seconds", {"group": group, "topic": "t", "partition": partition})

@@ -131,11 +131,12 @@ class LedgerConsumer:
         async with publishing(lag, self.kafka) as highwater:
             while not stop.is_set():
                 batches = await self.kafka.getmany(timeout_ms=500)
-                lag.delivered_batches(batches, highwater, time.time())
+                lag.fetched_batches(batches, time.time())
                 for tp, records in batches.items():
                     next_offset = await self._process_run(records, stop)
                     if next_offset is not None:
                         await self._commit(tp, next_offset)
+                lag.delivered_batches(batches, highwater, time.time())  # applied or dead-lettered
 
     async def _process_run(self, records: list[ConsumerRecord], stop: asyncio.Event) -> int | None:
         """Handle one partition's records in order; return the offset that may be committed."""

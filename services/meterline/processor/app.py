@@ -141,7 +141,7 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
                 return
             last = recs[-1]
             if tp.topic == self.usage_topic:
-                self._update_lag(tp, last)
+                self._update_lag(tp, recs)
             run = RecordRun(tp.partition, tags.get(tp, 0), recs, starts.get(tp))
             yield tp, ConsumerMessage(
                 tp.topic, tp.partition, last.offset, (last.timestamp or 0) / 1000.0,
@@ -160,12 +160,21 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
     def usage_partitions(self) -> set[int]:
         return {tp.partition for tp in self.assignment() if tp.topic == self.usage_topic}
 
-    def _update_lag(self, tp: TP, last: Any) -> None:
+    def _update_lag(self, tp: TP, records: Any) -> None:
+        last = records[-1]
         highwater = self.usage_highwater(tp.partition)
         if highwater is not None:
             metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(highwater - last.offset - 1, 0))
         if self.lag is not None:
-            self.lag.delivered(tp.partition, last.offset, last.timestamp, highwater, time.time())
+            self.lag.fetched(tp.partition, records[0].offset, records[0].timestamp, time.time())
+
+    def consumed(self, run: RecordRun) -> None:
+        """The pipeline applied `run`. Lag in seconds counts from here, not from the fetch:
+        runs waiting in Faust's stream buffer (back-pressure) are not consumed yet."""
+        if self.lag is not None and run.records:
+            last = run.records[-1]
+            self.lag.delivered(run.partition, last.offset, getattr(last, "timestamp", None),
+                               self.usage_highwater(run.partition), time.time())
 
 
 class CheckpointedTransport(faust_aiokafka.Transport):
@@ -221,6 +230,7 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
             async for run in stream:
                 try:
                     await pipeline.consume(run)
+                    consumer.consumed(run)
                 except Exception:  # noqa: BLE001 - one run, not the agent: the next run seeks back
                     metrics.AGENT_CRASHES.inc()
                     log.exception("handling a run of partition %d raised; its unhandled records "

@@ -198,10 +198,11 @@ class StripeSink:
                 while not self.stopping.is_set():
                     batches = await consumer.getmany(timeout_ms=self.cfg.poll_interval_ms,
                                                      max_records=5000)
-                    lag.delivered_batches(batches, highwater, time.time())
+                    lag.fetched_batches(batches, time.time())
                     records = [r for recs in batches.values() for r in recs]
                     if records:
                         await self.stage_batch(records)
+                    lag.delivered_batches(batches, highwater, time.time())  # staged: consumed
                     if time.monotonic() - last_commit >= 1.0:
                         last_commit = time.monotonic()
                         try:
