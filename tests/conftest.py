@@ -88,24 +88,38 @@ def unique_topic_prefix() -> str:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """DSN of a ``meterline`` database (asyncpg and libpq accept it)."""
+def _postgres_backend() -> Iterator[tuple[str, EmbeddedPostgres | None]]:
     if url := os.environ.get("DATABASE_URL"):
-        yield url
+        yield url, None
     elif docker_available():
         from testcontainers.community.postgres import PostgresContainer
 
         with PostgresContainer("postgres:16-alpine", dbname="meterline", driver=None) as pg:
-            yield pg.get_connection_url()
+            yield pg.get_connection_url(), None
     else:
         # Not under pytest's temp root: another pytest run on the machine resets that to
         # mode 0700, locking out the server's own system user mid-session.
         data_dir = Path(tempfile.mkdtemp(prefix="meterline-test-pg-"))
         try:
             with EmbeddedPostgres(data_dir) as pg:
-                yield pg.dsn
+                yield pg.dsn, pg
         finally:
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def database_url(_postgres_backend: tuple[str, EmbeddedPostgres | None]) -> str:
+    """DSN of a ``meterline`` database (asyncpg and libpq accept it)."""
+    return _postgres_backend[0]
+
+
+@pytest.fixture(scope="session")
+def embedded_postgres(_postgres_backend: tuple[str, EmbeddedPostgres | None]) -> EmbeddedPostgres | None:
+    """The embedded Postgres server, or None when it is external or a container.
+
+    Outage tests need ``crash()``/``recover()``; they should skip on None.
+    """
+    return _postgres_backend[1]
 
 
 @pytest.fixture

@@ -96,6 +96,15 @@ class KafkaConfig(_Frozen):
     partitions: int = Field(default=4, ge=1)
     consumer_group: str = "meterline-processor"
     session_timeout_ms: int = Field(default=10_000, ge=1000)
+    # Every meterline producer's librdkafka `message.max.bytes`: the largest record (value +
+    # key + headers) it sends. Default: a `processor.max_message_bytes` (1 MiB) message plus
+    # room for its dead-letter headers. At start-up the DLQ writers compare it with the DLQ
+    # topic's `max.message.bytes` and the broker's `message.max.bytes` and dead-letter larger
+    # records as truncated copies (docs/operations.md, "Producers").
+    producer_message_max_bytes: int = Field(default=1_114_112, ge=4096, le=1_000_000_000)
+    # How long librdkafka retries a message before reporting it failed. A producer whose
+    # messages time out is replaced (meterline.kafka.producer) and the work retried.
+    producer_message_timeout_ms: int = Field(default=30_000, ge=1000)
 
 
 class ProcessorConfig(_Frozen):

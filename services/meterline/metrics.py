@@ -7,11 +7,16 @@ refer to these names and a test checks that every name they use exists here.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import threading
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+from wsgiref.simple_server import make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app, start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 # --- processor: intake -------------------------------------------------------
 RECORDS_IN = Counter("meterline_records_in_total", "Kafka records read from the usage topic")
@@ -96,6 +101,32 @@ GRANTS_EXPIRED = Counter("meterline_grants_expired_total", "Grants whose remaind
 # --- DLQ ------------------------------------------------------------------------
 DLQ_MESSAGES = Counter(
     "meterline_dlq_messages_total", "Messages written to a dead-letter topic", ["topic", "reason"]
+)
+
+DLQ_TRUNCATED = Counter(
+    "meterline_dlq_truncated_total",
+    "Dead letters too large for their DLQ topic, stored as a truncated copy (reason oversized)",
+    ["topic"],
+)
+
+# --- producers and outages (every service) -----------------------------------------
+PRODUCER_REPLACEMENTS = Counter(
+    "meterline_producer_replacements_total",
+    "Kafka producers replaced after a fatal, fencing or timed-out delivery, by client",
+    ["client"],  # usage-dlq | aggregates-dlq | stripe-events-dlq | relay | webhook-bridge
+)
+DEPENDENCY_UP = Gauge(
+    "meterline_dependency_up",
+    "1 while the service's last use of a dependency succeeded, 0 while it backs off and retries",
+    ["service", "dependency"],  # dependency: postgres | kafka
+)
+DEPENDENCY_RETRIES = Counter(
+    "meterline_dependency_retries_total",
+    "Operations a service retried after a database or broker error", ["service", "dependency"],
+)
+LAST_PROGRESS = Gauge(
+    "meterline_last_progress_timestamp_seconds",
+    "Unix time a service's loops last completed a round (what /healthz judges)", ["service"],
 )
 
 # --- outbox relay ---------------------------------------------------------------
@@ -191,10 +222,6 @@ WEBHOOK_REQUEST_DURATION = Histogram(
 WEBHOOK_BROKER_READY = Gauge(
     "meterline_webhook_broker_ready",
     "1 while the bridge's producer recently reached the broker (what /readyz answers), else 0",
-)
-WEBHOOK_PRODUCER_RESETS = Counter(
-    "meterline_webhook_producer_resets_total",
-    "Kafka producers the bridge replaced after a fatal or fencing error",
 )
 
 # --- ledger consumer (Stripe events) ---------------------------------------------------------------
@@ -300,10 +327,17 @@ def observe_counts(histogram: Histogram, counted: Sequence[tuple[float, int]]) -
         histogram._sum.inc(total)  # noqa: SLF001
 
 
-def run_service(port: int, serve_until: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Blocking entry point of a long-running service: /metrics on `port`, then
-    `serve_until(stop)` in a fresh event loop; SIGINT/SIGTERM set `stop`."""
-    serve(port)
+Probe = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def run_service(
+    port: int, serve_until: Callable[[asyncio.Event], Awaitable[None]],
+    probes: Mapping[str, Probe] | None = None,
+) -> None:
+    """Blocking entry point of a long-running service: /metrics (and `probes`, e.g.
+    meterline.health's /healthz and /readyz) on `port`, then `serve_until(stop)` in a fresh
+    event loop; SIGINT/SIGTERM set `stop`."""
+    serve(port, probes)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -315,7 +349,24 @@ def run_service(port: int, serve_until: Callable[[asyncio.Event], Awaitable[None
     asyncio.run(main())
 
 
-def serve(port: int) -> None:
-    """Expose /metrics on `port` (0 = don't serve)."""
-    if port:
+def serve(port: int, probes: Mapping[str, Probe] | None = None) -> None:
+    """Expose /metrics on `port` (0 = don't serve), plus each probe path: 200 with its JSON
+    detail when the probe says ok, else 503."""
+    if not port:
+        return
+    if not probes:
         start_http_server(port)
+        return
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        probe = probes.get(environ.get("PATH_INFO", ""))
+        if probe is None:
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        ok, detail = probe()
+        start_response("200 OK" if ok else "503 Service Unavailable",
+                       [("Content-Type", "application/json")])
+        return [json.dumps({"ok": ok, **detail}).encode()]
+
+    httpd = make_server("", port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True, name="metrics-http").start()

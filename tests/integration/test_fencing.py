@@ -46,7 +46,7 @@ async def test_zombie_worker_flush_is_rejected_by_fencing(
     past_close = t0 + (settings.processor.window_size_ms + settings.processor.window_grace_ms) / 1000 + 1
 
     pool = await create_pool(settings.database_url)
-    dlq = DlqWriter(k.bootstrap_servers, k.usage_dlq_topic, k.usage_topic)
+    dlq = DlqWriter(k, k.usage_dlq_topic, k.usage_topic)
     clock_a, clock_b = FakeClock(t0), FakeClock(t0)
     zombie = Pipeline(settings, pool, dlq, "worker-A", clock_a)
     successor = Pipeline(settings, pool, dlq, "worker-B", clock_b)

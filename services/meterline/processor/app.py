@@ -36,6 +36,7 @@ from faust.types import TP
 from meterline import metrics
 from meterline.config import Settings
 from meterline.consumer_lag import ConsumerLag
+from meterline.health import Health
 from meterline.processor.dlq import DlqWriter
 from meterline.processor.pipeline import Pipeline, RecordRun
 from meterline.storage.db import create_pool
@@ -276,7 +277,7 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
         pool = await create_pool(settings.database_url, max_size=4)
         async with pool.acquire() as conn:
             await sync_config(conn, settings)
-        dlq = DlqWriter(k.bootstrap_servers, k.usage_dlq_topic, k.usage_topic)
+        dlq = DlqWriter(k, k.usage_dlq_topic, k.usage_topic, health=Health("processor"))
         pipeline = Pipeline(settings, pool, dlq, owner)
         await pipeline.maintain()
         CheckpointedConsumer.pipeline = pipeline

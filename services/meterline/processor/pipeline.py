@@ -56,12 +56,16 @@ from meterline.core.windows import TIME_BUCKET_MS, Closable, OpenWindows, Window
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, dead_letter_headers
 from meterline.storage import checkpoints
 from meterline.storage.checkpoints import FencedError
+from meterline.storage.db import DATABASE_UNAVAILABLE
 from meterline.storage.dedupe import purge as purge_dedupe
 from meterline.storage.dedupe import reserve
 from meterline.storage.flush import FlushPolicy, FlushResult, flush
 from meterline.storage.grants import allocate_plan_periods, expire_grants
 
 log = logging.getLogger(__name__)
+
+# A flush that failed on these is restored and retried on the next tick.
+_FLUSH_RETRYABLE: tuple[type[Exception], ...] = (DlqUnavailable, *DATABASE_UNAVAILABLE)
 
 Clock = Callable[[], float]  # seconds since the epoch; tests pass a fake
 # Seeks the consumer: partition -> (offset, seek generation of the runs fetched from there).
@@ -434,7 +438,7 @@ class Pipeline:
     async def _flush_tick(self) -> FlushResult | None:
         try:
             await self.reserve(self.windows.buffers())
-        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+        except DATABASE_UNAVAILABLE as exc:
             metrics.FLUSH_FAILURES.labels("reserve_" + type(exc).__name__).inc()
             log.warning("reserving dedupe marks failed, will retry: %r", exc)
             return None
@@ -468,7 +472,7 @@ class Pipeline:
             self.release(lost)
             self._restore(closable, generations)
             return None
-        except (TimeoutError, DlqUnavailable, asyncpg.PostgresError, OSError) as exc:
+        except _FLUSH_RETRYABLE as exc:
             metrics.FLUSH_FAILURES.labels(type(exc).__name__).inc()
             log.warning("flush failed, will retry: %r", exc)
             self._restore(closable, generations)

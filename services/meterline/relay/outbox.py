@@ -4,8 +4,12 @@ Delivery is at-least-once (a crash between the broker's ack and the `sent_at`
 update re-sends the batch); every message carries its outbox id in the
 `meterline.outbox_id` header and a deterministic id in its payload, so
 consumers can drop repeats. The producer is idempotent (confluent-kafka), so
-its own retries never duplicate. Several relays may run: `FOR UPDATE SKIP
-LOCKED` gives each row to one of them.
+its own retries never duplicate; a producer fenced or timed out in a broker outage is
+replaced (meterline.kafka.producer) and the batch, rolled back, is sent again by the
+fresh one. Several relays may run: `FOR UPDATE SKIP LOCKED` gives each row to one of them.
+
+Outages: a Postgres or broker error rolls the batch back; the relay backs off, reports
+itself not ready (`/readyz`, `meterline_dependency_up`) and resumes by itself.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import time
 from collections.abc import Callable
 
 import asyncpg
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message
 
 from meterline import metrics
-from meterline.config import Settings
+from meterline.config import KafkaConfig, Settings
+from meterline.health import KAFKA, POSTGRES, Health, stopped_within
+from meterline.kafka.producer import HealingProducer, producer_config
 from meterline.metrics import run_service
-from meterline.storage.db import create_pool
+from meterline.storage.db import DATABASE_UNAVAILABLE, create_pool
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +42,31 @@ FROM outbox WHERE sent_at IS NULL
 """
 
 
+# The database is unavailable: the batch rolled back, retry it.
+POSTGRES_ERRORS = DATABASE_UNAVAILABLE
+
+
 class DeliveryFailed(Exception):
-    pass
+    """The broker did not acknowledge the whole batch; nothing of it was marked sent."""
 
 
 class OutboxRelay:
-    def __init__(self, pool: asyncpg.Pool, bootstrap_servers: str, batch_size: int = 5000) -> None:
+    def __init__(self, pool: asyncpg.Pool, kafka: KafkaConfig, batch_size: int = 5000,
+                 health: Health | None = None) -> None:
         self.pool = pool
         self.batch_size = batch_size
         self.published = 0
-        self._producer = Producer({
-            "bootstrap.servers": bootstrap_servers,
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 5,
-            "compression.type": "lz4",
-        })
+        self.health = health or Health("relay")
+        self._producer = HealingProducer(
+            producer_config(kafka, "relay", **{"linger.ms": 5, "compression.type": "lz4"}),
+            "relay")
+        # Long enough for every message's verdict (delivered or timed out), so a batch
+        # never rolls back while copies of it are still queued in the producer.
+        self._flush_timeout_s = kafka.producer_message_timeout_ms / 1000 + 5
+
+    @property
+    def replacements(self) -> int:
+        return self._producer.replacements
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were delivered and marked."""
@@ -65,10 +80,14 @@ class OutboxRelay:
                 if err is not None:
                     errors.append(err)
 
-            for r in rows:
-                self._produce(r["topic"], r["key"], r["payload"], r["id"], on_delivery)
+            try:
+                for r in rows:
+                    self._produce(r["topic"], r["key"], r["payload"], r["id"], on_delivery)
+            except (BufferError, KafkaException) as exc:
+                raise DeliveryFailed(f"cannot queue: {exc!r}") from exc
             loop = asyncio.get_running_loop()
-            remaining = await loop.run_in_executor(None, self._producer.flush, 30)
+            remaining = await loop.run_in_executor(None, self._producer.flush,
+                                                   self._flush_timeout_s)
             if remaining or errors:
                 # Roll back: the rows stay unsent and are retried; nothing is marked sent unseen.
                 raise DeliveryFailed(f"{remaining} undelivered, errors: {errors[:3]}")
@@ -83,13 +102,8 @@ class OutboxRelay:
         cb: Callable[[KafkaError | None, Message], None],
     ) -> None:
         headers: list[tuple[str, str | bytes | None]] = [("meterline.outbox_id", str(outbox_id).encode())]
-        while True:
-            try:
-                self._producer.produce(topic, bytes(payload), key.encode(), headers=headers,
-                                       on_delivery=cb)
-                return
-            except BufferError:
-                self._producer.poll(0.05)
+        self._producer.produce(topic, bytes(payload), key.encode(), headers, cb,
+                               queue_wait_s=self._flush_timeout_s)
 
     async def update_backlog_metrics(self) -> None:
         row = await self.pool.fetchrow(BACKLOG)
@@ -97,33 +111,44 @@ class OutboxRelay:
         metrics.OUTBOX_OLDEST_AGE.set(float(row["age"] or 0))
 
     async def run_forever(self, poll_interval: float, stop: asyncio.Event) -> None:
+        """Relay until `stop`; an outage of either side is waited out, never fatal."""
         last_gauge = 0.0
         backoff = poll_interval
         while not stop.is_set():
+            n = 0
             try:
                 n = await self.relay_once()
+                self.health.up(POSTGRES)
+                self.health.up(KAFKA)
                 backoff = poll_interval
-            except (DeliveryFailed, asyncpg.PostgresError, OSError) as exc:
-                metrics.OUTBOX_FAILURES.inc()
-                log.warning("relay batch failed, retrying: %r", exc)
-                n = 0
-                backoff = min(backoff * 2, 5.0)
+            except DeliveryFailed as exc:
+                backoff = self._failed(KAFKA, exc, backoff)
+            except POSTGRES_ERRORS as exc:
+                backoff = self._failed(POSTGRES, exc, backoff)
+            self.health.beat("relay")
             if time.monotonic() - last_gauge > 1:
                 last_gauge = time.monotonic()
                 try:
                     await self.update_backlog_metrics()
-                except (asyncpg.PostgresError, OSError):
-                    pass
+                except POSTGRES_ERRORS:
+                    pass  # the relay loop reports the outage
             if n < self.batch_size:
-                try:
-                    await asyncio.wait_for(stop.wait(), backoff)
-                except TimeoutError:
-                    pass
+                await stopped_within(stop, backoff)
+
+    def _failed(self, dependency: str, exc: Exception, backoff: float) -> float:
+        metrics.OUTBOX_FAILURES.inc()
+        self.health.down(dependency, exc)
+        return min(max(backoff, 0.05) * 2, 5.0)
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    pool = await create_pool(settings.database_url, max_size=2)
-    relay = OutboxRelay(pool, settings.kafka.bootstrap_servers, settings.relay.batch_size)
+async def serve(settings: Settings, stop: asyncio.Event, health: Health | None = None) -> None:
+    health = health or Health("relay")
+    pool = await health.retrying(
+        lambda: create_pool(settings.database_url, max_size=2), stop,
+        retry_on=dict.fromkeys(POSTGRES_ERRORS, POSTGRES), loop="relay")
+    if pool is None:
+        return  # stopped before Postgres came up
+    relay = OutboxRelay(pool, settings.kafka, settings.relay.batch_size, health)
     try:
         await relay.run_forever(settings.relay.poll_interval_ms / 1000, stop)
     finally:
@@ -131,5 +156,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def run(settings: Settings) -> None:
-    """Run the relay until SIGINT/SIGTERM."""
-    run_service(settings.relay.metrics_port, lambda stop: serve(settings, stop))
+    """Run the relay until SIGINT/SIGTERM; /metrics, /healthz and /readyz on its metrics port."""
+    health = Health("relay")
+    run_service(settings.relay.metrics_port, lambda stop: serve(settings, stop, health),
+                health.probes())

@@ -13,6 +13,13 @@ log = logging.getLogger(__name__)
 # Any number: the advisory lock that serialises concurrent `meterline migrate` runs.
 _MIGRATION_LOCK = 0x6D65746572
 
+# What a database outage looks like to asyncpg (crash, restart, no free connection slot,
+# a connection dropped mid-operation): retry with back-off, never exit. InterfaceError and
+# InternalClientError are raised on a connection that died under an operation.
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+    TimeoutError)
+
 
 def with_database(dsn: str, database: str) -> str:
     """The same server and credentials as `dsn`, another database (keeps ?host=... for sockets)."""

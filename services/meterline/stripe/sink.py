@@ -16,6 +16,12 @@ Four loops share one process:
   then rejected.
 * **gauges** -- backlog and oldest unsent age for Prometheus.
 
+Outages never end the sink: a Postgres error (crash, restart, no free connection slot)
+or a broker error makes the loop that met it back off and retry the same step — a
+fetched batch is staged before the next fetch, Stripe's verdicts are recorded before the
+next claim — while `/readyz` says not ready (meterline.health). A loop stuck for longer
+than `stall_after_s` turns `/healthz` red.
+
 A crash anywhere is harmless: staging is idempotent by aggregate id, a report leased by a
 dead sink is re-leased after `lease_seconds`, and re-sending an identifier Stripe already
 has is answered "already exists", which counts as accepted.
@@ -31,23 +37,26 @@ import random
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError as AIOKafkaError
 from aiolimiter import AsyncLimiter
 from circuitbreaker import CircuitBreaker, CircuitBreakerError
 
 from meterline import metrics
 from meterline.config import ConfigError, MeterConfig, Settings
 from meterline.consumer_lag import ConsumerLag, publishing
-from meterline.processor.dlq import DlqWriter, dead_letter_headers
-from meterline.storage.db import create_pool
+from meterline.health import KAFKA, POSTGRES, Health
+from meterline.processor.dlq import DlqUnavailable, DlqWriter, dead_letter_headers
+from meterline.storage.db import DATABASE_UNAVAILABLE, create_pool
 from meterline.stripe import reports
 from meterline.stripe.reports import Claimed, Staged
 from meterline.stripe.transport import (
@@ -61,7 +70,15 @@ from meterline.stripe.transport import (
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 EMULATOR_KEY = "sk_test_meterline_emulator"
+
+# Retried, never fatal: exception type -> the dependency it says is down.
+POSTGRES_ERRORS = DATABASE_UNAVAILABLE
+PG_OUTAGES: dict[type[BaseException], str] = dict.fromkeys(POSTGRES_ERRORS, POSTGRES)
+KAFKA_OUTAGES: dict[type[BaseException], str] = {DlqUnavailable: KAFKA, AIOKafkaError: KAFKA}
+OUTAGES = {**KAFKA_OUTAGES, **PG_OUTAGES}
 
 
 class StripeOutage(Exception):
@@ -103,7 +120,7 @@ def backoff_delay(attempts: int, base: float, cap: float, retry_after: float | N
 
 class StripeSink:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, transport: Transport,
-                 dlq: DlqWriter) -> None:
+                 dlq: DlqWriter, health: Health | None = None) -> None:
         self.settings = settings
         self.cfg = settings.stripe
         self.pool = pool
@@ -118,6 +135,7 @@ class StripeSink:
             expected_exception=StripeOutage, name="stripe")
         self.rng = random.Random()
         self.stopping = asyncio.Event()
+        self.health = health or Health("stripe-sink")
         self._work = asyncio.Event()
         self._consumed: dict[int, int] = {}
         self._committed: dict[int, int] = {}
@@ -152,15 +170,22 @@ class StripeSink:
             elif parsed is None:
                 metrics.STRIPE_AGGREGATES_SKIPPED.labels("not_billed").inc()
             else:
-                self.dlq.publish(rec.key, rec.value or b"", dead_letter_headers(
-                    "malformed_aggregate", parsed, rec.topic, rec.partition, rec.offset),
-                    "malformed_aggregate")
+                headers = dead_letter_headers(
+                    "malformed_aggregate", parsed, rec.topic, rec.partition, rec.offset)
+                await self._until_done("stage", partial(
+                    self._publish, rec.key, rec.value or b"", headers, "malformed_aggregate"),
+                    KAFKA_OUTAGES)
                 dead += 1
         if dead:
-            await self.dlq.settle()
-        async with self.pool.acquire() as conn:
-            new = await reports.stage(conn, staged, self.cfg.coalesce_interval_seconds,
-                                      self.cfg.seal_grace_seconds)
+            await self._until_done("stage", self.dlq.settle, KAFKA_OUTAGES)
+
+        async def stage() -> int:
+            async with self.pool.acquire() as conn:
+                return await reports.stage(conn, staged, self.cfg.coalesce_interval_seconds,
+                                           self.cfg.seal_grace_seconds)
+        new = await self._until_done("stage", stage, PG_OUTAGES)
+        if new is None:
+            return  # stopping: not staged, so not consumed either
         metrics.STRIPE_AGGREGATES_STAGED.inc(new)
         if len(staged) > new:
             metrics.STRIPE_AGGREGATES_SKIPPED.labels("already_staged").inc(len(staged) - new)
@@ -190,23 +215,32 @@ class StripeSink:
             auto_offset_reset="earliest", session_timeout_ms=k.session_timeout_ms,
             heartbeat_interval_ms=max(100, k.session_timeout_ms // 5),
         )
-        await consumer.start()
+        async def start() -> bool:
+            await consumer.start()
+            return True
+
+        if not await self._until_done("stage", start, KAFKA_OUTAGES, base_s=1.0):
+            return  # stopped before the broker answered
         last_commit = 0.0
         lag = ConsumerLag(self.cfg.consumer_group, k.aggregates_topic)
         try:
             async with publishing(lag, consumer) as highwater:
                 while not self.stopping.is_set():
-                    batches = await consumer.getmany(timeout_ms=self.cfg.poll_interval_ms,
-                                                     max_records=5000)
-                    lag.fetched_batches(batches, time.time())
-                    records = [r for recs in batches.values() for r in recs]
+                    batches = await self._until_done("stage", lambda: consumer.getmany(
+                        timeout_ms=self.cfg.poll_interval_ms, max_records=5000), KAFKA_OUTAGES)
+                    lag.fetched_batches(batches or {}, time.time())
+                    records = [r for recs in (batches or {}).values() for r in recs]
                     if records:
+                        # Staged (or the sink stops) before the next fetch: offsets never pass
+                        # a record that was fetched but not staged.
                         await self.stage_batch(records)
-                    lag.delivered_batches(batches, highwater, time.time())  # staged: consumed
+                    lag.delivered_batches(batches or {}, highwater, time.time())  # staged
                     if time.monotonic() - last_commit >= 1.0:
                         last_commit = time.monotonic()
                         try:
                             await self.commit(consumer)
+                        except POSTGRES_ERRORS as exc:  # the floor query: reported, retried in 1 s
+                            self.health.down(POSTGRES, exc)
                         except Exception as exc:  # noqa: BLE001 - a rebalance; next commit covers it
                             log.warning("offset commit failed (%s); retrying", type(exc).__name__)
                             self._committed.clear()
@@ -221,15 +255,19 @@ class StripeSink:
 
     # -- seal ----------------------------------------------------------------------------
     async def seal_loop(self) -> None:
-        while not self.stopping.is_set():
+        async def seal() -> bool:
             async with self.pool.acquire() as conn:
-                if await reports.seal_due(conn, datetime.now(UTC)):
-                    self._work.set()
+                return bool(await reports.seal_due(conn, datetime.now(UTC)))
+
+        while not self.stopping.is_set():
+            if await self._until_done("seal", seal, PG_OUTAGES):
+                self._work.set()
             await self._pause(min(0.5, max(0.05, self.cfg.seal_grace_seconds / 4)))
 
     # -- send ----------------------------------------------------------------------------
     async def send_loop(self) -> None:
         while not self.stopping.is_set():
+            self.health.beat("send")
             if self.breaker.opened:
                 metrics.STRIPE_CIRCUIT_OPEN.set(1)
                 await self._pause(max(0.05, self.breaker.open_remaining))
@@ -238,9 +276,12 @@ class StripeSink:
             metrics.STRIPE_CIRCUIT_OPEN.set(0 if closed else 1)
             # half-open: one probe request until Stripe answers again
             limit = self.cfg.max_concurrency * self.transport.batch_size if closed else 1
-            async with self.pool.acquire() as conn:
-                claimed = await reports.claim(conn, limit, self.cfg.lease_seconds,
-                                              self.transport.name)
+
+            async def claim(limit: int = limit) -> list[Claimed]:
+                async with self.pool.acquire() as conn:
+                    return await reports.claim(conn, limit, self.cfg.lease_seconds,
+                                               self.transport.name)
+            claimed = await self._until_done("send", claim, PG_OUTAGES)
             if not claimed:
                 self._work.clear()
                 await self._pause(self.cfg.poll_interval_ms / 1000, self._work)
@@ -267,7 +308,9 @@ class StripeSink:
             chunks = [ready[i:i + size] for i in range(0, len(ready), size)]
             results = await asyncio.gather(*(self._send(chunk) for chunk in chunks))
             outcomes += [o for chunk in results for o in chunk]
-        await self.record(outcomes)
+        # Stripe has answered: record its verdicts before anything else (a retry after an
+        # outage re-sends a rejected report's dead letter at worst, never the report).
+        await self._until_done("send", lambda: self.record(outcomes), OUTAGES)
 
     async def _send_lane(self, lane: Sequence[Claimed]) -> list[tuple[Claimed, Result]]:
         out: list[tuple[Claimed, Result]] = []
@@ -352,17 +395,34 @@ class StripeSink:
             r.code or "stripe_rejected", r.message or "", self.settings.kafka.aggregates_topic,
             None, None, **{"stripe.error_code": r.code, "stripe.request_id": r.request_id,
                            "report_id": c.id, "identifier": c.identifier})
-        self.dlq.publish(c.customer.encode(), body, headers, r.code or "stripe_rejected")
+        await self._publish(c.customer.encode(), body, headers, r.code or "stripe_rejected")
+
+    async def _publish(self, key: bytes | None, value: bytes, headers: list[Any],
+                       reason: str) -> None:
+        self.dlq.publish(key, value, headers, reason)  # DlqUnavailable: retried by the caller
 
     # -- gauges --------------------------------------------------------------------------
     async def gauge_loop(self) -> None:
-        while not self.stopping.is_set():
+        async def backlog() -> dict[str, Any]:
             async with self.pool.acquire() as conn:
-                b = await reports.backlog(conn)
-            for status, n in b["counts"].items():
-                metrics.STRIPE_UNFINISHED_REPORTS.labels(status).set(n)
-            metrics.STRIPE_OLDEST_UNSENT_AGE.set(b["oldest_sealed_age_seconds"])
+                return dict(await reports.backlog(conn))
+
+        while not self.stopping.is_set():
+            b = await self._until_done("gauges", backlog, PG_OUTAGES)
+            if b is not None:
+                for status, n in b["counts"].items():
+                    metrics.STRIPE_UNFINISHED_REPORTS.labels(status).set(n)
+                metrics.STRIPE_OLDEST_UNSENT_AGE.set(b["oldest_sealed_age_seconds"])
             await self._pause(2.0)
+
+    async def _until_done(
+        self, loop: str, attempt: Callable[[], Awaitable[T]],
+        outages: dict[type[BaseException], str], base_s: float = 0.1,
+    ) -> T | None:
+        """`attempt()` until it succeeds, waiting out `outages` (the dependencies it uses);
+        None once stopping."""
+        return await self.health.retrying(attempt, self.stopping, retry_on=outages, loop=loop,
+                                          base_s=base_s)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def _pause(self, seconds: float, wake: asyncio.Event | None = None) -> None:
@@ -386,13 +446,19 @@ class StripeSink:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def start_sink(settings: Settings) -> tuple[StripeSink, asyncio.Task[None]]:
+async def start_sink(
+    settings: Settings, health: Health | None = None,
+) -> tuple[StripeSink, asyncio.Task[None]]:
     """Start a sink in this event loop (for `meterline dev` and tests); stop it with
     `await stop_sink(sink, task)`."""
-    pool = await create_pool(settings.database_url)
-    dlq = DlqWriter(settings.kafka.bootstrap_servers, settings.kafka.aggregates_dlq_topic,
-                    settings.kafka.aggregates_topic)
-    sink = StripeSink(settings, pool, make_transport(settings), dlq)
+    health = health or Health("stripe-sink", stall_after_s=300)
+    never = asyncio.Event()
+    pool = await health.retrying(lambda: create_pool(settings.database_url), never,
+                                 retry_on=PG_OUTAGES, loop="stage")
+    assert pool is not None
+    k = settings.kafka
+    dlq = DlqWriter(k, k.aggregates_dlq_topic, k.aggregates_topic, health=health)
+    sink = StripeSink(settings, pool, make_transport(settings), dlq, health)
     return sink, asyncio.create_task(sink.run())
 
 
@@ -401,16 +467,19 @@ async def stop_sink(sink: StripeSink, task: asyncio.Task[None]) -> None:
     with contextlib.suppress(Exception):
         await task
     await sink.transport.close()
-    await sink.dlq.settle()
+    with contextlib.suppress(DlqUnavailable):  # offsets were not committed past them
+        await sink.dlq.settle(attempts=1)
+    sink.dlq.close()
     await sink.pool.close()
 
 
 def run(settings: Settings) -> None:
     """Blocking entry point of `meterline stripe-sink`; SIGTERM/SIGINT stop it cleanly."""
-    metrics.serve(settings.stripe.metrics_port)
+    health = Health("stripe-sink", stall_after_s=300)
+    metrics.serve(settings.stripe.metrics_port, health.probes())
 
     async def main() -> None:
-        sink, task = await start_sink(settings)
+        sink, task = await start_sink(settings, health)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, sink.stopping.set)

@@ -4,7 +4,7 @@
                             400 not a fresh, authentic Stripe event (reason in the body)
                             413 body over webhook_bridge.max_body_bytes
                             503 Kafka did not acknowledge in time: Stripe retries for days
-    GET  /healthz           200 while the process serves
+    GET  /healthz           200 while its broker probe keeps completing rounds, else 503
     GET  /readyz            200 while the broker answered recently, else 503
     GET  /metrics           Prometheus exposition
 
@@ -53,7 +53,7 @@ class WebhookBridge:
         self.secrets = secrets
         self.clock = clock
         self.publisher = StripeEventPublisher(
-            settings.kafka.bootstrap_servers,
+            settings.kafka,
             settings.kafka.stripe_events_topic,
             delivery_timeout_s=self.config.delivery_timeout_ms / 1000,
             message_timeout_ms=self.config.message_timeout_ms,
@@ -65,7 +65,7 @@ class WebhookBridge:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes)
         app.router.add_post(WEBHOOK_PATH, self.receive)
-        app.router.add_get("/healthz", _healthz)
+        app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", _metrics)
         app.on_startup.append(self._start_publisher)
@@ -111,9 +111,10 @@ class WebhookBridge:
             return web.Response(text="ready\n")
         return web.Response(text="broker unreachable\n", status=503)
 
-
-async def _healthz(_request: web.Request) -> web.Response:
-    return web.Response(text="ok\n")
+    async def healthz(self, _request: web.Request) -> web.Response:
+        if self.publisher.liveness.live():
+            return web.Response(text="ok\n")
+        return web.Response(text="broker probe stalled\n", status=503)
 
 
 async def _metrics(_request: web.Request) -> web.Response:
