@@ -12,7 +12,7 @@ help: ## list targets
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,embedded]'
+	$(BIN)/pip install -q -e '.[test,embedded,msk]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## create the venv and install meterline with test tools

@@ -21,7 +21,7 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
     if POSTGRES in needs:
         check_postgres(settings.database_url)
     if KAFKA in needs:
-        check_kafka(settings.kafka.bootstrap_servers)
+        check_kafka(settings.kafka)
     return settings
 
 

@@ -9,6 +9,7 @@ naming the field.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from datetime import datetime
 from decimal import Decimal
@@ -16,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Aggregation = Literal["sum", "count", "max", "latest"]
 
@@ -82,6 +91,10 @@ class CustomerConfig(_Frozen):
     grants: tuple[GrantConfig, ...] = ()
 
 
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
+
+
 class KafkaConfig(_Frozen):
     bootstrap_servers: str = "127.0.0.1:9092"
     usage_topic: str = "usage.events"
@@ -105,6 +118,98 @@ class KafkaConfig(_Frozen):
     # How long librdkafka retries a message before reporting it failed. A producer whose
     # messages time out is replaced (meterline.kafka.producer) and the work retried.
     producer_message_timeout_ms: int = Field(default=30_000, ge=1000)
+
+    # --- security: one place, applied to every client (meterline.kafka.security) -------
+    # Secrets are never in the YAML file: `sasl_password` / `oauth_client_secret` come from
+    # METERLINE_KAFKA__SASL_PASSWORD / METERLINE_KAFKA__OAUTH_CLIENT_SECRET, or the `*_file`
+    # keys (read once at start-up; the file wins). SecretStr, left out of dumps: repr and
+    # logs show '**********', a dumped config has only the file path.
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = Field(default=None, exclude=True)
+    sasl_password_file: Path | None = None
+    # PEM files. No CA file = the system's trust store (Confluent Cloud, MSK, ...).
+    ssl_ca_file: Path | None = None
+    # Client certificate and key (mTLS, e.g. Aiven): both or neither.
+    ssl_cert_file: Path | None = None
+    ssl_key_file: Path | None = None
+    # The broker's certificate must name the host we dialled. Off only for a broker whose
+    # certificate cannot be fixed; the chain is still verified against the CA either way.
+    ssl_check_hostname: bool = True
+    # OAUTHBEARER's token source. oidc: the client-credentials grant against
+    # oauth_token_endpoint_url (Confluent Cloud, Aiven, Keycloak, ...). aws_msk_iam: Amazon
+    # MSK IAM, signed with the AWS credentials of the usual chain (env, profile, pod/instance
+    # role) for aws_region; needs the `msk` extra (aws-msk-iam-sasl-signer-python).
+    oauth_provider: Literal["oidc", "aws_msk_iam"] = "oidc"
+    aws_region: str | None = None
+    oauth_token_endpoint_url: str | None = None
+    oauth_client_id: str | None = None
+    oauth_client_secret: SecretStr | None = Field(default=None, exclude=True)
+    oauth_client_secret_file: Path | None = None
+    oauth_scope: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for secret in ("sasl_password", "oauth_client_secret"):
+            if path := data.get(f"{secret}_file"):
+                try:
+                    data[secret] = Path(path).read_text().strip()
+                except OSError as exc:
+                    raise ValueError(f"{secret}_file: cannot read {path}: {exc.strerror}") from exc
+        return data
+
+    @model_validator(mode="after")
+    def _security_is_coherent(self) -> KafkaConfig:
+        # Each rule names the field to fix; a client would otherwise fail much later,
+        # far from the cause (or, worse, connect without the protection asked for).
+        sasl = self.security_protocol.startswith("SASL_")
+        tls = self.security_protocol.endswith("SSL")
+        mech = self.sasl_mechanism
+        if mech and not sasl:
+            raise ValueError(f"sasl_mechanism {mech} needs security_protocol SASL_SSL or "
+                             f"SASL_PLAINTEXT, not {self.security_protocol}")
+        if sasl and not mech:
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
+        if mech in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            if not self.sasl_username:
+                raise ValueError(f"sasl_mechanism {mech} needs sasl_username")
+            if self.sasl_password is None:
+                raise ValueError(f"sasl_mechanism {mech} needs sasl_password (or sasl_password_file)")
+        if mech == "OAUTHBEARER" and self.oauth_provider == "oidc":
+            for name in ("oauth_token_endpoint_url", "oauth_client_id", "oauth_client_secret"):
+                if not getattr(self, name):
+                    raise ValueError(f"sasl_mechanism OAUTHBEARER needs {name}")
+        elif mech == "OAUTHBEARER":  # aws_msk_iam
+            if not self.aws_region:
+                raise ValueError("oauth_provider aws_msk_iam needs aws_region")
+            if self.security_protocol != "SASL_SSL":
+                raise ValueError("oauth_provider aws_msk_iam needs security_protocol SASL_SSL")
+            if importlib.util.find_spec("aws_msk_iam_sasl_signer") is None:
+                raise ValueError("oauth_provider aws_msk_iam needs the msk extra: "
+                                 "pip install 'meterline[msk]'")
+        elif self.oauth_token_endpoint_url or self.oauth_client_id:
+            raise ValueError("oauth_token_endpoint_url/oauth_client_id need sasl_mechanism OAUTHBEARER")
+        elif self.oauth_provider != "oidc":
+            raise ValueError(f"oauth_provider {self.oauth_provider} needs sasl_mechanism OAUTHBEARER")
+        files = {"ssl_ca_file": self.ssl_ca_file, "ssl_cert_file": self.ssl_cert_file,
+                 "ssl_key_file": self.ssl_key_file}
+        for name, path in files.items():
+            if path is None:
+                continue
+            if not tls:
+                raise ValueError(f"{name} needs security_protocol SSL or SASL_SSL, "
+                                 f"not {self.security_protocol}")
+            if not path.is_file():
+                raise ValueError(f"{name}: no such file {path}")
+        if (self.ssl_cert_file is None) != (self.ssl_key_file is None):
+            missing = "ssl_key_file" if self.ssl_key_file is None else "ssl_cert_file"
+            raise ValueError(f"{missing} is needed too: a client certificate goes with its key")
+        return self
 
 
 class ProcessorConfig(_Frozen):
@@ -337,6 +442,10 @@ class Settings(_Frozen):
         return {m.event_type: m for m in self.meters}
 
 
+# Set from the environment or a file only (KafkaConfig), never from the YAML file.
+KAFKA_SECRETS = ("sasl_password", "oauth_client_secret")
+
+
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Load settings from `path` (or $METERLINE_CONFIG) plus env; raise ConfigError naming the field."""
     path = path or os.environ.get("METERLINE_CONFIG")
@@ -348,6 +457,12 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
+        kafka = data.get("kafka")
+        for secret in KAFKA_SECRETS:
+            if isinstance(kafka, dict) and kafka.get(secret) is not None:
+                raise ConfigError(
+                    f"kafka.{secret}: secrets are never in the config file; set "
+                    f"METERLINE_KAFKA__{secret.upper()} or kafka.{secret}_file")
     if os.environ.get("DATABASE_URL"):
         data["database_url"] = os.environ["DATABASE_URL"]
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):

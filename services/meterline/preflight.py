@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
+
+from meterline.config import KafkaConfig
+from meterline.kafka.security import KafkaTarget, kafka_config, librdkafka_config
 
 # librdkafka logs every failed connection attempt; the one-line verdict is enough.
 _QUIET = logging.getLogger("meterline.preflight.librdkafka")
@@ -61,16 +64,57 @@ def check_postgres(dsn: str, timeout_s: float = 10.0) -> None:
             "this user from this host") from exc
 
 
-def check_kafka(bootstrap_servers: str, timeout_s: float = 10.0) -> None:
-    """Fetch cluster metadata once; raise `Unreachable` naming the brokers if it fails."""
-    config: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, "logger": _QUIET}
-    admin = AdminClient(config)
+def check_kafka(kafka: KafkaTarget, timeout_s: float = 10.0) -> None:
+    """Fetch cluster metadata once, with the configured security; raise `Unreachable`
+    naming the brokers if it fails.
+
+    A refused TLS handshake or SASL login is final: it fails at once, with the broker's
+    reason and the settings to check, instead of after `timeout_s` of silent retries.
+    """
+    kafka = kafka_config(kafka)
+    refused: list[KafkaError] = []
+
+    def on_error(err: KafkaError) -> None:
+        if err.code() in _REFUSED or err.fatal():
+            refused.append(err)
+
+    where = f"{kafka.bootstrap_servers} ({_describe(kafka)})"
     try:
-        admin.list_topics(timeout=timeout_s)
-    except KafkaException as exc:
-        err = exc.args[0] if exc.args else exc
-        reason = err.str() if hasattr(err, "str") else str(err)
-        raise Unreachable(
-            f"cannot reach Kafka at {bootstrap_servers}: {reason} — check "
-            "KAFKA_BOOTSTRAP_SERVERS (or kafka.bootstrap_servers in the config), that the "
-            "brokers are running and that this host can connect to them") from exc
+        admin = AdminClient(librdkafka_config(kafka, logger=_QUIET, error_cb=on_error))
+    except KafkaException as exc:  # e.g. a CA file that is not PEM
+        raise Unreachable(f"cannot use the kafka: security settings for {where}: "
+                          f"{exc.args[0].str() if exc.args else exc}") from exc
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin.list_topics(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+            return
+        except KafkaException as exc:
+            last = exc.args[0] if exc.args else exc
+        admin.poll(0.05)  # serves error_cb
+        if refused:
+            err = refused[0]
+            raise Unreachable(f"Kafka at {where} refused us: {err.str()} — check "
+                              f"{_REFUSED_HINTS.get(err.code(), 'the kafka: security settings')}")
+        if time.monotonic() >= deadline:
+            reason = last.str() if isinstance(last, KafkaError) else str(last)
+            raise Unreachable(
+                f"cannot reach Kafka at {where}: {reason} — check KAFKA_BOOTSTRAP_SERVERS (or "
+                "kafka.bootstrap_servers in the config), kafka.security_protocol, that the "
+                "brokers are running and that this host can connect to them")
+
+
+# Errors that retrying cannot fix: the broker's certificate or our credentials.
+_REFUSED_HINTS = {
+    KafkaError._SSL: "kafka.ssl_ca_file (the CA that signed the broker's certificate), "
+                     "kafka.ssl_check_hostname and the client certificate (ssl_cert_file, "
+                     "ssl_key_file)",
+    KafkaError._AUTHENTICATION: "kafka.sasl_mechanism, kafka.sasl_username and the password "
+                                "(METERLINE_KAFKA__SASL_PASSWORD or kafka.sasl_password_file)",
+}
+_REFUSED = frozenset(_REFUSED_HINTS)
+
+
+def _describe(kafka: KafkaConfig) -> str:
+    return " ".join(filter(None, [kafka.security_protocol, kafka.sasl_mechanism,
+                                  kafka.sasl_username and f"user {kafka.sasl_username}"]))

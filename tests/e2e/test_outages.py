@@ -53,7 +53,7 @@ from meterline.storage.db import with_database
 from meterline.stripe.provision import ensure_customers, ensure_meters
 from meterline.stripe.transport import Stripe
 
-from .test_stripe_end_to_end import ledger_by_meter, stripe_by_meter
+from .test_stripe_end_to_end import stripe_by_meter, wait_for_stripe_to_equal_ledger
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -212,12 +212,7 @@ async def test_every_service_rides_out_postgres_crash_slot_exhaustion_and_broker
                                 f" {gen.stats.messages_sent} sent; processor: {proc}")
                 assert_exact(snap, gen)
                 await assert_ledger_integrity(pool, gen.stats.events_sent)
-                want = await ledger_by_meter(pool, settings)
-
-                async def stripe_matches() -> bool:
-                    return stripe_by_meter(emu) == want
-                await wait_until(stripe_matches, timeout=60, what="Stripe totals = ledger",
-                                 workers=services)
+                want = await wait_for_stripe_to_equal_ledger(pool, settings, emu, services)
 
                 async def all_ready() -> bool:
                     return all(_probe(ports[n], "/readyz")[0] == 200

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from integration.harness import (
+    Fleet,
     Sender,
     assert_exact,
     db_pool,
@@ -51,6 +52,19 @@ def stripe_by_meter(emu: StripeEmulator) -> dict[tuple[str, str], Decimal]:
     return out
 
 
+async def wait_for_stripe_to_equal_ledger(
+    pool: object, settings: Settings, emu: StripeEmulator, workers: Fleet, timeout: float = 60,
+) -> dict[tuple[str, str], Decimal]:
+    """Wait until the emulator's usage per (customer, meter) equals the ledger's; return it."""
+    want = await ledger_by_meter(pool, settings)
+
+    async def stripe_matches() -> bool:
+        return stripe_by_meter(emu) == want
+    await wait_until(stripe_matches, timeout=timeout, what="Stripe totals = ledger",
+                     workers=workers)
+    return want
+
+
 async def test_stripe_equals_ledger_through_failures_latency_and_sink_kills(
     pipeline_settings: Callable[..., Settings], tmp_path: Path, unique_topic_prefix: str,
 ) -> None:
@@ -81,12 +95,7 @@ async def test_stripe_equals_ledger_through_failures_latency_and_sink_kills(
                         services.service("sink", "stripe-sink")
                 snap = await wait_for_ledger(pool, gen, timeout=40, workers=services)
                 assert_exact(snap, gen)
-                want = await ledger_by_meter(pool, settings)
-
-                async def stripe_matches() -> bool:
-                    return stripe_by_meter(emu) == want
-                await wait_until(stripe_matches, timeout=60, what="Stripe totals = ledger",
-                                 workers=services)
+                want = await wait_for_stripe_to_equal_ledger(pool, settings, emu, services)
                 await asyncio.sleep(2)  # a late duplicate would still show up
                 async with pool.acquire() as conn:
                     statuses = dict(await conn.fetch(

@@ -29,11 +29,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from meterline.config import Settings
 from meterline.devstack.dev import Services, Snapshot, compare, read_dlq, read_topic, snapshot
 from meterline.devstack.load import LoadGenerator
+from meterline.kafka.security import KafkaTarget
 
 __all__ = [
     "FakeClock", "Fleet", "Message", "Record", "Sample", "Sender", "assert_exact",
     "assert_ledger_integrity", "compare", "db_pool", "fleet", "metric_value", "owners", "read_dlq",
-    "read_messages", "scrape", "snapshot", "wait_for_ledger", "wait_for_owners", "wait_until",
+    "read_messages", "scrape", "send_until_exact", "snapshot", "wait_for_ledger",
+    "wait_for_owners", "wait_until",
     "write_settings",
 ]
 
@@ -278,6 +280,21 @@ async def assert_ledger_integrity(pool: asyncpg.Pool, events_sent: int) -> None:
     assert not off, f"balances differ from their ledger: {[dict(r) for r in off[:5]]}"
 
 
+async def send_until_exact(
+    pool: asyncpg.Pool, gen: LoadGenerator, *, rate: float, seconds: float, workers: Fleet,
+    timeout: float = 60,
+) -> Snapshot:
+    """Send `gen`'s events at `rate` for `seconds`, wait for the ledger to take them all and
+    assert it is exact and consistent (`assert_exact`, `assert_ledger_integrity`)."""
+    with Sender(gen, rate) as sender:
+        await asyncio.sleep(seconds)
+        sender.stop()
+    snap = await wait_for_ledger(pool, gen, timeout=timeout, workers=workers, settle=1.5)
+    assert_exact(snap, gen)
+    await assert_ledger_integrity(pool, gen.stats.events_sent)
+    return snap
+
+
 # --- sending ----------------------------------------------------------------------------
 
 
@@ -373,7 +390,7 @@ class Message:
     headers: dict[str, bytes]
 
 
-def read_messages(bootstrap: str, topic: str, quiet_seconds: float = 2.0) -> list[Message]:
+def read_messages(bootstrap: KafkaTarget, topic: str, quiet_seconds: float = 2.0) -> list[Message]:
     """Every message of `topic` (see `meterline.devstack.dev.read_topic`), as plain tuples."""
     out: list[Message] = []
     for m in read_topic(bootstrap, topic, quiet_seconds):

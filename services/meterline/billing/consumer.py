@@ -38,6 +38,7 @@ from meterline.billing.stripe_ledger import Applied, EventRejected, LedgerPolicy
 from meterline.config import Settings
 from meterline.consumer_lag import ConsumerLag, publishing
 from meterline.health import KAFKA, POSTGRES, Health, stopped_within
+from meterline.kafka.security import aiokafka_config
 from meterline.metrics import run_service
 from meterline.processor import dlq
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, Headers
@@ -124,9 +125,8 @@ class LedgerConsumer:
         if self.pool is None:
             return
         session_ms = s.kafka.session_timeout_ms
-        self.kafka = AIOKafkaConsumer(
-            self.topic,
-            bootstrap_servers=s.kafka.bootstrap_servers,
+        self.kafka = AIOKafkaConsumer(self.topic, **aiokafka_config(
+            s.kafka,
             group_id=s.ledger_consumer.consumer_group,
             client_id="meterline-ledger-consumer",
             enable_auto_commit=False,  # committed after Postgres, below
@@ -134,7 +134,7 @@ class LedgerConsumer:
             session_timeout_ms=session_ms,
             heartbeat_interval_ms=max(session_ms // 5, 500),
             max_poll_records=s.ledger_consumer.max_poll_records,
-        )
+        ))
         self.dlq = DlqWriter(s.kafka, s.kafka.stripe_events_dlq_topic, self.topic,
                              health=self.health)
         await self.health.retrying(self.kafka.start, stop, retry_on={KafkaError: KAFKA}, loop="consume",

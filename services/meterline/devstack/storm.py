@@ -25,6 +25,7 @@ import orjson
 from confluent_kafka import Producer
 
 from meterline.devstack.load import LoadGenerator
+from meterline.kafka.security import KafkaTarget, librdkafka_config
 
 MB = 1_000_000
 
@@ -234,16 +235,15 @@ class Storm:
         return body[:-1] + b',"pad":"' + b"x" * max(pad, 0) + b'"}'
 
 
-def storm_producer(bootstrap_servers: str, max_message_bytes: int = 3 * MB) -> Producer:
+def storm_producer(kafka: KafkaTarget, max_message_bytes: int = 3 * MB) -> Producer:
     """A producer that can write the storm's largest messages (librdkafka's default is 1 MB)."""
-    return Producer({
-        "bootstrap.servers": bootstrap_servers,
+    return Producer(librdkafka_config(kafka, **{
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 20,
         "message.max.bytes": max_message_bytes,
         "queue.buffering.max.kbytes": 512 * 1024,
-    })
+    }))
 
 
 def expected_dead_letters(messages: list[StormMessage]) -> Counter[str]:
@@ -270,6 +270,6 @@ def run(gen: LoadGenerator, bad_inputs: int, valid: int, seed: int | None = None
     """`meterline load --storm N`: one storm to `usage.events`; what it must produce."""
     storm = Storm(gen, seed if seed is not None else random.randrange(2**32))
     messages = storm.mix(int(time.time() * 1000), bad_inputs, valid)
-    send(storm_producer(gen.settings.kafka.bootstrap_servers), gen.topic, messages)
+    send(storm_producer(gen.settings.kafka), gen.topic, messages)
     return {"messages": len(messages), "valid_events": gen.stats.events_sent,
             "expected_dlq": dict(sorted(expected_dead_letters(messages).items()))}

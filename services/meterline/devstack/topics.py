@@ -21,5 +21,5 @@ def topic_partitions(settings: Settings) -> dict[str, int]:
 
 def ensure_topics(settings: Settings) -> list[str]:
     topics = topic_partitions(settings)
-    create_topics(settings.kafka.bootstrap_servers, topics)
+    create_topics(settings.kafka, topics)
     return sorted(topics)

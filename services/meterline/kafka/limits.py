@@ -15,6 +15,9 @@ import logging
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
+from meterline.config import KafkaConfig
+from meterline.kafka.security import librdkafka_config
+
 log = logging.getLogger(__name__)
 
 # Record-batch framing a broker counts against its limit besides key, value and headers
@@ -22,10 +25,10 @@ log = logging.getLogger(__name__)
 RECORD_OVERHEAD_BYTES = 512
 
 
-def topic_max_bytes(bootstrap_servers: str, topic: str, configured: int,
+def topic_max_bytes(kafka: KafkaConfig, topic: str, configured: int,
                     timeout_s: float = 5.0) -> int:
     """The largest record `topic` takes from a producer limited to `configured` bytes."""
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0})
+    admin = AdminClient(librdkafka_config(kafka, log_level=0))
     found: dict[str, int] = {}
     try:
         resource = ConfigResource(ResourceType.TOPIC, topic)

@@ -34,6 +34,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from meterline import metrics
 from meterline.config import KafkaConfig
+from meterline.kafka.security import librdkafka_config
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +59,18 @@ def is_unrecoverable(err: KafkaError, *, idempotent: bool) -> bool:
 
 
 def producer_config(kafka: KafkaConfig, client: str, **overrides: Any) -> dict[str, Any]:
-    """librdkafka settings every meterline producer shares; `overrides` adds its own
+    """librdkafka settings every meterline producer shares (brokers and security from
+    `meterline.kafka.security`); `overrides` adds its own
     (`linger.ms`, `compression.type`, ...). `message.max.bytes` and `message.timeout.ms`
     always come from the configuration (docs/operations.md, "Producers")."""
-    return {
-        "bootstrap.servers": kafka.bootstrap_servers,
+    return librdkafka_config(kafka, **{
         "client.id": f"meterline-{client}",
         "enable.idempotence": True,
         "acks": "all",
         "message.max.bytes": kafka.producer_message_max_bytes,
         "message.timeout.ms": kafka.producer_message_timeout_ms,
         **overrides,
-    }
+    })
 
 
 class HealingProducer:

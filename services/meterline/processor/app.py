@@ -37,6 +37,7 @@ from meterline import metrics
 from meterline.config import Settings
 from meterline.consumer_lag import ConsumerLag
 from meterline.health import Health
+from meterline.kafka.security import faust_credentials
 from meterline.processor.dlq import DlqWriter
 from meterline.processor.pipeline import Pipeline, RecordRun
 from meterline.storage.db import create_pool
@@ -195,6 +196,8 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
     app = MeterlineApp(
         k.consumer_group,
         broker=f"kafka://{k.bootstrap_servers}",
+        # TLS/SASL for every client Faust makes (consumer, producer, admin).
+        broker_credentials=faust_credentials(k),
         value_serializer="raw",
         key_serializer="raw",
         web_enabled=False,

@@ -113,7 +113,7 @@ class DlqWriter:
         self.message_timeout_s = kafka.producer_message_timeout_ms / 1000
         self.max_bytes = kafka.producer_message_max_bytes
         if check_limits:
-            self.max_bytes = topic_max_bytes(kafka.bootstrap_servers, dlq_topic, self.max_bytes)
+            self.max_bytes = topic_max_bytes(kafka, dlq_topic, self.max_bytes)
         self._producer = HealingProducer(
             producer_config(kafka, f"dlq-{dlq_topic}", **{"linger.ms": 20}), f"dlq-{dlq_topic}")
         # Dead letters whose delivery failed, re-sent by settle(); a deque because delivery

@@ -55,6 +55,7 @@ from meterline import metrics
 from meterline.config import ConfigError, MeterConfig, Settings
 from meterline.consumer_lag import ConsumerLag, publishing
 from meterline.health import KAFKA, POSTGRES, Health
+from meterline.kafka.security import aiokafka_config
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, dead_letter_headers
 from meterline.storage.db import DATABASE_UNAVAILABLE, create_pool
 from meterline.stripe import reports
@@ -209,12 +210,11 @@ class StripeSink:
 
     async def consume_loop(self) -> None:
         k = self.settings.kafka
-        consumer = AIOKafkaConsumer(
-            k.aggregates_topic, bootstrap_servers=k.bootstrap_servers,
-            group_id=self.cfg.consumer_group, enable_auto_commit=False,
+        consumer = AIOKafkaConsumer(k.aggregates_topic, **aiokafka_config(
+            k, group_id=self.cfg.consumer_group, enable_auto_commit=False,
             auto_offset_reset="earliest", session_timeout_ms=k.session_timeout_ms,
             heartbeat_interval_ms=max(100, k.session_timeout_ms // 5),
-        )
+        ))
         async def start() -> bool:
             await consumer.start()
             return True
