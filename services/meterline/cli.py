@@ -69,7 +69,7 @@ def _load(args: argparse.Namespace) -> int:
 
 
 def _stripe_emulator(args: argparse.Namespace) -> int:
-    from meterline.stripe.emulator import run
+    from meterline.devstack.stripe_emulator.emulator import run
 
     run(args.host, args.port, args.rate, args.failure_rate)
     return 0
@@ -167,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=2000, help="load generator events/s")
     p.add_argument("--customers", type=int, default=200)
     p.add_argument("--workdir", help="keep broker/Postgres data here instead of a temp dir")
+    p.add_argument("--prometheus", action="store_true",
+                   help="also run Prometheus (Debian's) on every service; with --headless, check "
+                        "that every dashboard and alert expression finds data")
+    p.add_argument("--deploy-dir", default="deploy",
+                   help="where the dashboard and alert rules are (--prometheus; default ./deploy)")
     p.set_defaults(func=_dev)
 
     p = add("load", help="publish a realistic usage mix to usage.events")

@@ -38,6 +38,11 @@ PENDING_EVENTS = Gauge("meterline_pending_events", "Events buffered in open wind
 CONSUMER_LAG = Gauge(
     "meterline_consumer_lag_messages", "High watermark minus next offset, per partition", ["partition"]
 )
+CONSUMER_LAG_SECONDS = Gauge(
+    "meterline_consumer_lag_seconds",
+    "Age of the oldest record the group has not consumed, per partition (meterline/consumer_lag.py)",
+    ["group", "topic", "partition"],
+)
 CHECKPOINT_OFFSET = Gauge(
     "meterline_checkpoint_offset", "Next offset committed to Postgres, per partition", ["partition"]
 )

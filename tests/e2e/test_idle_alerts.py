@@ -119,6 +119,11 @@ async def test_idle_topic_fires_no_critical_alert(
             assert metric_value(samples, "meterline_pending_events") == 0
             assert metric_value(samples, "meterline_owned_partitions") == settings.kafka.partitions
             assert metric_value(samples, "meterline_last_flush_commit_timestamp_seconds") > 0
+            # Lag in seconds for the processor's group: every owned partition, nothing waiting.
+            lag = [s for s in samples if s.name == "meterline_consumer_lag_seconds"
+                   and s.labels.get("group") == settings.kafka.consumer_group]
+            assert len(lag) == settings.kafka.partitions, lag
+            assert {s.value for s in lag} == {0.0}
             # A healthy run: no gap was found, no run abandoned, nothing stalled.
             for healthy_at_zero in ("meterline_intake_gaps_total", "meterline_agent_crashes_total",
                                     "meterline_intake_stalled", "meterline_intake_internal_errors_total"):

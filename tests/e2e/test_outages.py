@@ -47,9 +47,9 @@ from meterline.config import Settings
 from meterline.devstack.dev import scrape
 from meterline.devstack.embedded import EmbeddedKafka, EmbeddedPostgres
 from meterline.devstack.load import LoadGenerator, customer_ids
+from meterline.devstack.stripe_emulator import objects
+from meterline.devstack.stripe_emulator.emulator import serve
 from meterline.storage.db import with_database
-from meterline.stripe import objects
-from meterline.stripe.emulator import serve
 from meterline.stripe.provision import ensure_customers, ensure_meters
 from meterline.stripe.transport import Stripe
 
@@ -127,7 +127,7 @@ async def test_every_service_rides_out_postgres_crash_slot_exhaustion_and_broker
 ) -> None:
     if embedded_kafka is None or embedded_postgres is None:
         pytest.skip("needs the embedded broker and Postgres to freeze and crash them")
-    from meterline.stripe.emulator import StripeEmulator
+    from meterline.devstack.stripe_emulator.emulator import StripeEmulator
 
     emu = StripeEmulator(seed=3)
     runner = await serve("127.0.0.1", 0, emu)

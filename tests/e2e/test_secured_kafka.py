@@ -34,7 +34,7 @@ from integration.scram_gate import ScramUsers
 from integration.tls import TlsTerminator, make_pki, tls_broker
 from meterline.config import Settings
 from meterline.devstack.load import LoadGenerator, customer_ids
-from meterline.stripe.emulator import StripeEmulator, serve
+from meterline.devstack.stripe_emulator.emulator import StripeEmulator, serve
 from meterline.stripe.provision import ensure_customers, ensure_meters
 from meterline.stripe.transport import Stripe
 from meterline.webhooks.bridge import start_bridge

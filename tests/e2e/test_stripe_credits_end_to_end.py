@@ -24,7 +24,7 @@ from integration.harness import db_pool, fleet, read_messages, wait_for_owners, 
 from meterline.api import ApiServer
 from meterline.billing import consumer as ledger_consumer
 from meterline.config import Settings
-from meterline.stripe.emulator import StripeEmulator, serve
+from meterline.devstack.stripe_emulator.emulator import StripeEmulator, serve
 from meterline.stripe.provision import ensure_customers
 from meterline.stripe.transport import Stripe
 from meterline.webhooks.bridge import start_bridge

@@ -27,7 +27,7 @@ from integration.harness import (
 )
 from meterline.config import Settings
 from meterline.devstack.load import LoadGenerator, customer_ids
-from meterline.stripe.emulator import StripeEmulator, serve
+from meterline.devstack.stripe_emulator.emulator import StripeEmulator, serve
 from meterline.stripe.provision import ensure_customers, ensure_meters
 from meterline.stripe.transport import Stripe
 

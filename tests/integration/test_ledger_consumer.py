@@ -22,10 +22,10 @@ from meterline.billing.consumer import RunningLedgerConsumer, start
 from meterline.config import Settings
 from meterline.devstack.dev import read_topic
 from meterline.devstack.embedded import EmbeddedKafka
+from meterline.devstack.stripe_emulator import objects
 from meterline.ledger.accounts import USAGE_ACCOUNT, Transfer, grant_account
 from meterline.ledger.book import Entry, open_books, post
 from meterline.storage.grants import sync_config
-from meterline.stripe import objects
 
 pytestmark = pytest.mark.integration
 
@@ -177,6 +177,25 @@ async def test_replayed_event_id_grants_once(ledger_env: Start) -> None:
     outbox = [json.loads(r["payload"]) for r in await env.pool.fetch("SELECT payload FROM outbox")]
     assert [(o["customer"], o["delta"], o["reason"]) for o in outbox] == [
         ("acme", "1000", "stripe_purchase")]
+
+
+async def test_lag_in_seconds_is_published_for_the_ledger_group(ledger_env: Start) -> None:
+    env = await ledger_env([{"id": "acme", "stripe_customer_id": "cus_acme"}])
+    env.send(checkout("lag", "cus_acme", "10", pi="pi_lag"))
+    await env.settled()
+    labels = {"group": env.settings.ledger_consumer.consumer_group,
+              "topic": env.settings.kafka.stripe_events_topic}
+
+    def series() -> dict[str, float]:
+        return {s.labels["partition"]: s.value
+                for m in REGISTRY.collect() if m.name == "meterline_consumer_lag_seconds"
+                for s in m.samples if labels.items() <= s.labels.items()}
+
+    deadline = time.monotonic() + 10
+    while not series():  # published every second
+        assert time.monotonic() < deadline, "no meterline_consumer_lag_seconds for the group"
+        await asyncio.sleep(0.1)
+    assert set(series().values()) == {0.0}  # everything consumed
 
 
 async def test_one_purchase_seen_by_checkout_and_invoice_events_grants_once_in_either_order(

@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 import stripe
 
-from meterline.stripe.emulator import StripeEmulator, serve
-from meterline.stripe.webhooks import build_event, sign_payload
+from meterline.devstack.stripe_emulator.emulator import StripeEmulator, serve
+from meterline.devstack.stripe_emulator.signing import build_event, sign_payload
 
 pytestmark = pytest.mark.integration
 

@@ -20,9 +20,10 @@ import asyncpg
 import orjson
 import pytest
 from confluent_kafka import Producer
+from prometheus_client import REGISTRY
 
 from meterline.config import Settings
-from meterline.stripe.emulator import StripeEmulator, serve
+from meterline.devstack.stripe_emulator.emulator import StripeEmulator, serve
 from meterline.stripe.provision import ensure_customers, ensure_meters
 from meterline.stripe.sink import StripeSink, start_sink, stop_sink
 from meterline.stripe.transport import Stripe
@@ -161,6 +162,11 @@ async def test_coalesced_reports_reach_stripe_exactly(
             async with env.pool.acquire() as conn:
                 rows = await conn.fetch(
                     "SELECT status, aggregate_count, identifier FROM stripe_reports")
+            lag = {"group": env.settings.stripe.consumer_group,
+                   "topic": env.settings.kafka.aggregates_topic, "partition": "0"}
+            await wait_until(lambda: asyncio.sleep(0, REGISTRY.get_sample_value(
+                "meterline_consumer_lag_seconds", lag) == 0.0), timeout=10,
+                what="the sink publishes lag in seconds, 0 once caught up")
         finally:
             await stop_sink(sink, task)
     # 6 one-second windows in 2-second buckets: 3 reports per (customer, billed meter)

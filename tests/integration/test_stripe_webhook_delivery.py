@@ -21,8 +21,8 @@ from confluent_kafka import Producer
 from meterline.billing.consumer import start
 from meterline.config import Settings
 from meterline.devstack.embedded import EmbeddedKafka
+from meterline.devstack.stripe_emulator.emulator import StripeEmulator, serve
 from meterline.storage.grants import sync_config
-from meterline.stripe.emulator import StripeEmulator, serve
 
 pytestmark = pytest.mark.integration
 

@@ -31,7 +31,7 @@ from prometheus_client import REGISTRY
 from meterline.config import Settings, deep_merge
 from meterline.devstack.dev import read_topic
 from meterline.devstack.embedded import EmbeddedKafka, create_topics
-from meterline.stripe.webhooks import build_event, sign_payload
+from meterline.devstack.stripe_emulator.signing import build_event, sign_payload
 from meterline.webhooks.bridge import RunningBridge, start_bridge
 from meterline.webhooks.intake import Outcome
 from meterline.webhooks.signing_secrets import SigningSecrets

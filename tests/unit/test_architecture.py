@@ -41,3 +41,24 @@ def test_the_rule_sees_a_forbidden_import(tmp_path: Path) -> None:
     sample.write_text("import asyncpg\nfrom meterline.storage.flush import flush\n")
 
     assert _imports(sample) == {"asyncpg", "meterline.storage.flush"}
+
+
+# Production code never depends on dev-only tools (the Stripe emulator, benches, the dev
+# stack): a reader of meterline/stripe/ sees only what runs against Stripe.
+PACKAGE = CORE.parent
+PRODUCTION = sorted(p for p in PACKAGE.rglob("*.py") if "devstack" not in p.relative_to(PACKAGE).parts
+                    and p.name != "cli.py")  # the CLI dispatches to `meterline dev` lazily
+
+
+@pytest.mark.parametrize("module", PRODUCTION, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_production_module_imports_no_devstack(module: Path) -> None:
+    bad = {n for n in _imports(module) if n == "meterline.devstack" or n.startswith("meterline.devstack.")}
+
+    assert not bad, f"{module.relative_to(PACKAGE)} imports {sorted(bad)}"
+
+
+def test_stripe_package_holds_no_emulator() -> None:
+    names = {p.stem for p in (PACKAGE / "stripe").glob("*.py")}
+
+    assert not names & {"emulator", "_routes", "_triggers", "_wire", "objects", "webhooks"}
+    assert (PACKAGE / "devstack" / "stripe_emulator" / "emulator.py").exists()

@@ -36,6 +36,7 @@ from meterline.billing.ledger_actions import Apply, Catalog, Ignore, Reason, Rej
 from meterline.billing.stripe_events import decide, type_label
 from meterline.billing.stripe_ledger import Applied, EventRejected, LedgerPolicy, apply_event
 from meterline.config import Settings
+from meterline.consumer_lag import ConsumerLag, publishing
 from meterline.health import KAFKA, POSTGRES, Health, stopped_within
 from meterline.kafka.security import aiokafka_config
 from meterline.metrics import run_service
@@ -150,13 +151,18 @@ class LedgerConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         assert self.kafka is not None
         kafka = self.kafka
-        while not stop.is_set():
-            batches = await self.health.retrying(lambda: kafka.getmany(timeout_ms=500), stop,
-                                                 retry_on={KafkaError: KAFKA}, loop="consume")
-            for tp, records in (batches or {}).items():
-                next_offset = await self._process_run(records, stop)
-                if next_offset is not None:
-                    await self._commit(tp, next_offset)
+        lag = ConsumerLag(self.settings.ledger_consumer.consumer_group, self.topic)
+        async with publishing(lag, kafka) as highwater:
+            while not stop.is_set():
+                batches = await self.health.retrying(lambda: kafka.getmany(timeout_ms=500), stop,
+                                                     retry_on={KafkaError: KAFKA}, loop="consume")
+                lag.fetched_batches(batches or {}, time.time())
+                for tp, records in (batches or {}).items():
+                    next_offset = await self._process_run(records, stop)
+                    if next_offset is not None:
+                        await self._commit(tp, next_offset)
+                # applied or dead-lettered: consumed
+                lag.delivered_batches(batches or {}, highwater, time.time())
 
     async def _process_run(self, records: list[ConsumerRecord], stop: asyncio.Event) -> int | None:
         """Handle one partition's records in order; return the offset that may be committed."""

@@ -42,7 +42,7 @@ from meterline.config import Settings, load_settings
 from meterline.devstack.bench import quantile
 from meterline.devstack.dev import read_topic
 from meterline.devstack.embedded import EmbeddedKafka, create_topics
-from meterline.stripe.webhooks import build_event, sign_payload
+from meterline.devstack.stripe_emulator.signing import build_event, sign_payload
 
 SECRET = "whsec_bench_" + uuid.uuid4().hex
 DURATION = "meterline_webhook_request_duration_seconds"

@@ -38,8 +38,10 @@ import yaml
 from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from meterline import metrics
 from meterline.config import Settings, load_settings
 from meterline.devstack import dev_stripe, dev_webhooks
+from meterline.devstack import prometheus as dev_prometheus
 from meterline.devstack.embedded import EmbeddedKafka, EmbeddedPostgres, _free_port
 from meterline.devstack.load import LoadGenerator, customer_ids
 from meterline.devstack.topics import ensure_topics
@@ -277,10 +279,48 @@ async def _run(
         await dev_webhooks.start(settings, services, dev_stripe.emulated(settings))
         start_api(settings, services)
         say(api_banner(settings))
+        prom = None
+        if args.prometheus:
+            prom = start_prometheus(settings, workdir, Path(args.deploy_dir))
+            stack.callback(prom.stop)
+            say(f"  Prometheus  {prom.url}  (scraping every dev service)")
         say(f"processor ready; sending {args.rate:.0f} events/s to {len(customer_ids(args.customers))} customers")
-        return await _drive(args, settings, services, pool, bootstrap)
+        return await _drive(args, settings, services, pool, bootstrap, prom)
     finally:
         await pool.close()
+
+
+def start_prometheus(settings: Settings, workdir: Path, deploy: Path) -> dev_prometheus.Prometheus:
+    """Debian's Prometheus scraping every dev service under its production job name.
+
+    `reconcile` is this process: `meterline dev` runs the reconciler itself at the end of a
+    run, so it serves its own registry for that job."""
+    reconcile_port = _free_port()
+    metrics.serve(reconcile_port)
+    targets = {"processor": settings.processor.metrics_port, "relay": settings.relay.metrics_port,
+               "stripe-sink": settings.stripe.metrics_port,
+               "webhook-bridge": settings.webhook_bridge.port,
+               "ledger-consumer": settings.ledger_consumer.metrics_port,
+               "api": settings.api.port, "reconcile": reconcile_port}
+    alerts = deploy / "prometheus" / "alerts.yml"
+    prom = dev_prometheus.Prometheus(workdir / "prometheus", _free_port())
+    prom.start(targets, [alerts] if alerts.exists() else [])
+    return prom
+
+
+def check_prometheus(prom: dev_prometheus.Prometheus, deploy: Path) -> dict[str, Any]:
+    """Every dashboard and alert expression against the run's Prometheus (rules in
+    meterline/devstack/prometheus.py), plus the consumer groups it sees lag for."""
+    time.sleep(3 * dev_prometheus.SCRAPE_INTERVAL_S)  # the final values, scraped
+    if not (deploy / "grafana").is_dir():
+        return {"skipped": f"no dashboard under {deploy} (run from a checkout or --deploy-dir)"}
+    dashboard = orjson.loads((deploy / "grafana" / "dashboards" / "meterline.json").read_bytes())
+    rules = yaml.safe_load((deploy / "prometheus" / "alerts.yml").read_text())
+    out = dev_prometheus.summary(dev_prometheus.check(prom, dashboard, rules))
+    out["lag_seconds_groups"] = sorted(
+        r["metric"].get("group", "") for r in prom.query(
+            "max by (group) (meterline_consumer_lag_seconds)"))
+    return out
 
 
 def start_api(settings: Settings, services: Services) -> None:
@@ -301,7 +341,8 @@ def api_banner(settings: Settings) -> str:
 
 
 async def _drive(args: argparse.Namespace, settings: Settings, services: Services,
-                 pool: asyncpg.Pool, bootstrap: str) -> dict[str, Any]:
+                 pool: asyncpg.Pool, bootstrap: str,
+                 prom: dev_prometheus.Prometheus | None = None) -> dict[str, Any]:
     gen = LoadGenerator(settings, customer_ids(args.customers), duplicates=0.05, late=0.01,
                         invalid=0.005)
     stop = threading.Event()
@@ -382,6 +423,9 @@ async def _drive(args: argparse.Namespace, settings: Settings, services: Service
                                           and summary["stripe_grants_exact"]
                                           and summary["balances_equal_ledger"]
                                           and summary["ledger_invariants_hold"])
+    if prom is not None:
+        summary["prometheus"] = await asyncio.to_thread(
+            check_prometheus, prom, Path(args.deploy_dir))
     services.stop()
     return summary
 
@@ -408,4 +452,5 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     # Last line, after every server has stopped: the JSON summary.
     print(orjson.dumps(summary).decode(), flush=True)
-    return 0 if summary["ledger_matches_expected"] else 1
+    checked = not summary.get("prometheus", {}).get("failed")
+    return 0 if summary["ledger_matches_expected"] and checked else 1

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -34,6 +35,7 @@ from faust.types import TP
 
 from meterline import metrics
 from meterline.config import Settings
+from meterline.consumer_lag import ConsumerLag
 from meterline.health import Health
 from meterline.kafka.security import faust_credentials
 from meterline.processor.dlq import DlqWriter
@@ -95,6 +97,7 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
 
     pipeline: Pipeline | None = None  # set by MeterlineApp before the worker starts
     usage_topic: str = ""
+    lag: ConsumerLag | None = None  # set by build_app
     _thread: CheckpointedConsumerThread
 
     def _new_consumer_thread(self) -> CheckpointedConsumerThread:
@@ -139,7 +142,8 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
             if self.app.consumer_generation_id != generation_id:
                 return
             last = recs[-1]
-            self._update_lag(tp, last.offset)
+            if tp.topic == self.usage_topic:
+                self._update_lag(tp, recs)
             run = RecordRun(tp.partition, tags.get(tp, 0), recs, starts.get(tp))
             yield tp, ConsumerMessage(
                 tp.topic, tp.partition, last.offset, (last.timestamp or 0) / 1000.0,
@@ -148,12 +152,31 @@ class CheckpointedConsumer(faust_aiokafka.Consumer):
                 generation_id=generation_id,
             )
 
-    def _update_lag(self, tp: TP, last_offset: int) -> None:
+    def usage_highwater(self, partition: int) -> int | None:
         try:
-            metrics.CONSUMER_LAG.labels(str(tp.partition)).set(
-                max(self.highwater(tp) - last_offset - 1, 0))
-        except Exception:  # noqa: BLE001 - highwater unknown right after assignment
-            pass
+            value: int | None = self.highwater(TP(self.usage_topic, partition))
+        except Exception:  # noqa: BLE001 - unknown right after assignment, or not assigned
+            return None
+        return value
+
+    def usage_partitions(self) -> set[int]:
+        return {tp.partition for tp in self.assignment() if tp.topic == self.usage_topic}
+
+    def _update_lag(self, tp: TP, records: Any) -> None:
+        last = records[-1]
+        highwater = self.usage_highwater(tp.partition)
+        if highwater is not None:
+            metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(highwater - last.offset - 1, 0))
+        if self.lag is not None:
+            self.lag.fetched(tp.partition, records[0].offset, records[0].timestamp, time.time())
+
+    def consumed(self, run: RecordRun) -> None:
+        """The pipeline applied `run`. Lag in seconds counts from here, not from the fetch:
+        runs waiting in Faust's stream buffer (back-pressure) are not consumed yet."""
+        if self.lag is not None and run.records:
+            last = run.records[-1]
+            self.lag.delivered(run.partition, last.offset, getattr(last, "timestamp", None),
+                               self.usage_highwater(run.partition), time.time())
 
 
 class CheckpointedTransport(faust_aiokafka.Transport):
@@ -192,6 +215,7 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
     )
     topic = app.topic(k.usage_topic, acks=False, value_serializer="raw", key_serializer="raw")
     CheckpointedConsumer.usage_topic = k.usage_topic
+    CheckpointedConsumer.lag = ConsumerLag(k.consumer_group, k.usage_topic)
     owner = worker_id or f"{socket.gethostname()}:{os.getpid()}"
     state: dict[str, Any] = {}
 
@@ -210,6 +234,7 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
             async for run in stream:
                 try:
                     await pipeline.consume(run)
+                    consumer.consumed(run)
                 except Exception:  # noqa: BLE001 - one run, not the agent: the next run seeks back
                     metrics.AGENT_CRASHES.inc()
                     log.exception("handling a run of partition %d raised; its unhandled records "
@@ -232,6 +257,14 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
         while not app.should_stop:
             await pipeline.flush_tick()
             await asyncio.sleep(interval)
+
+    @app.task
+    async def lag_loop() -> None:
+        await _ready(state)
+        consumer = app.consumer
+        assert isinstance(consumer, CheckpointedConsumer) and consumer.lag is not None
+        await consumer.lag.publish_every(1.0, consumer.usage_partitions,
+                                         consumer.usage_highwater, time.time)
 
     @app.task
     async def maintenance_loop() -> None:

@@ -53,6 +53,7 @@ from circuitbreaker import CircuitBreaker, CircuitBreakerError
 
 from meterline import metrics
 from meterline.config import ConfigError, MeterConfig, Settings
+from meterline.consumer_lag import ConsumerLag, publishing
 from meterline.health import KAFKA, POSTGRES, Health
 from meterline.kafka.security import aiokafka_config
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, dead_letter_headers
@@ -221,28 +222,32 @@ class StripeSink:
         if not await self._until_done("stage", start, KAFKA_OUTAGES, base_s=1.0):
             return  # stopped before the broker answered
         last_commit = 0.0
+        lag = ConsumerLag(self.cfg.consumer_group, k.aggregates_topic)
         try:
-            while not self.stopping.is_set():
-                batches = await self._until_done("stage", lambda: consumer.getmany(
-                    timeout_ms=self.cfg.poll_interval_ms, max_records=5000), KAFKA_OUTAGES)
-                records = [r for recs in (batches or {}).values() for r in recs]
-                if records:
-                    # Staged (or the sink stops) before the next fetch: offsets never pass
-                    # a record that was fetched but not staged.
-                    await self.stage_batch(records)
-                if time.monotonic() - last_commit >= 1.0:
-                    last_commit = time.monotonic()
-                    try:
-                        await self.commit(consumer)
-                    except POSTGRES_ERRORS as exc:  # the floor query: reported, retried in 1 s
-                        self.health.down(POSTGRES, exc)
-                    except Exception as exc:  # noqa: BLE001 - a rebalance; next commit covers it
-                        log.warning("offset commit failed (%s); retrying", type(exc).__name__)
-                        self._committed.clear()
-                    assigned = {tp.partition for tp in consumer.assignment()}
-                    for p in set(self._consumed) - assigned:  # revoked: its new owner resumes
-                        self._consumed.pop(p, None)
-                        self._committed.pop(p, None)
+            async with publishing(lag, consumer) as highwater:
+                while not self.stopping.is_set():
+                    batches = await self._until_done("stage", lambda: consumer.getmany(
+                        timeout_ms=self.cfg.poll_interval_ms, max_records=5000), KAFKA_OUTAGES)
+                    lag.fetched_batches(batches or {}, time.time())
+                    records = [r for recs in (batches or {}).values() for r in recs]
+                    if records:
+                        # Staged (or the sink stops) before the next fetch: offsets never pass
+                        # a record that was fetched but not staged.
+                        await self.stage_batch(records)
+                    lag.delivered_batches(batches or {}, highwater, time.time())  # staged
+                    if time.monotonic() - last_commit >= 1.0:
+                        last_commit = time.monotonic()
+                        try:
+                            await self.commit(consumer)
+                        except POSTGRES_ERRORS as exc:  # the floor query: reported, retried in 1 s
+                            self.health.down(POSTGRES, exc)
+                        except Exception as exc:  # noqa: BLE001 - a rebalance; next commit covers it
+                            log.warning("offset commit failed (%s); retrying", type(exc).__name__)
+                            self._committed.clear()
+                        assigned = {tp.partition for tp in consumer.assignment()}
+                        for p in set(self._consumed) - assigned:  # revoked: its new owner resumes
+                            self._consumed.pop(p, None)
+                            self._committed.pop(p, None)
         finally:
             with contextlib.suppress(Exception):
                 await self.commit(consumer)

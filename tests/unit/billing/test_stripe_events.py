@@ -1,6 +1,6 @@
 """meterline.billing.stripe_events: every Stripe event type -> ledger actions, pure.
 
-Objects come from the emulator's builders (`meterline.stripe.objects`), so these tests
+Objects come from the emulator's builders (`meterline.devstack.stripe_emulator.objects`), so these tests
 also pin that the emulator sends what the consumer reads; 2025-shaped objects are
 written out by hand.
 """
@@ -27,7 +27,7 @@ from meterline.billing.ledger_actions import (
     SubscriptionSnapshot,
 )
 from meterline.billing.stripe_events import decide, type_label
-from meterline.stripe import objects
+from meterline.devstack.stripe_emulator import objects
 
 T0 = 1_790_000_000
 MONTH = 30 * 86_400

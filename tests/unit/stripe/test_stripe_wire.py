@@ -7,8 +7,8 @@ from decimal import Decimal
 
 import pytest
 
-from meterline.stripe._wire import StripeHTTPError, dumps, parse_form
-from meterline.stripe.emulator import StripeEmulator
+from meterline.devstack.stripe_emulator.emulator import StripeEmulator
+from meterline.devstack.stripe_emulator.wire import StripeHTTPError, dumps, parse_form
 
 
 def test_parse_form_nests_bracket_keys() -> None:

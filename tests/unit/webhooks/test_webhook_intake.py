@@ -1,6 +1,6 @@
 """Signature, freshness and envelope rules of the webhook bridge (pure; time passed in).
 
-Signatures are built the way Stripe builds them (`meterline.stripe.webhooks.sign_payload`),
+Signatures are built the way Stripe builds them (`meterline.devstack.stripe_emulator.signing.sign_payload`),
 and the official SDK's verifier is the oracle for every case both of us judge.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 import stripe
 
-from meterline.stripe.webhooks import build_event, sign_payload
+from meterline.devstack.stripe_emulator.signing import build_event, sign_payload
 from meterline.webhooks.intake import (
     Outcome,
     WebhookRejected,

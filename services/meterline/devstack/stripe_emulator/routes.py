@@ -1,4 +1,4 @@
-"""HTTP handlers for :class:`meterline.stripe.emulator.StripeEmulator`."""
+"""HTTP handlers for :class:`meterline.devstack.stripe_emulator.emulator.StripeEmulator`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from meterline.stripe._wire import StripeHTTPError, json_response, parse_form
+from meterline.devstack.stripe_emulator.wire import StripeHTTPError, json_response, parse_form
 
 if TYPE_CHECKING:
-    from meterline.stripe.emulator import StripeEmulator
+    from meterline.devstack.stripe_emulator.emulator import StripeEmulator
 
 SESSION_TTL_SECONDS = 900
 MAX_STREAM_EVENTS = 100

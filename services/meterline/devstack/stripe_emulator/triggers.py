@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from meterline.stripe import objects
-from meterline.stripe._wire import StripeHTTPError
-from meterline.stripe.webhooks import sign_payload
+from meterline.devstack.stripe_emulator import objects
+from meterline.devstack.stripe_emulator.signing import sign_payload
+from meterline.devstack.stripe_emulator.wire import StripeHTTPError
 
 if TYPE_CHECKING:
-    from meterline.stripe.emulator import StripeEmulator
+    from meterline.devstack.stripe_emulator.emulator import StripeEmulator
 
 MONTH = 30 * 86_400
 TRIGGER_TYPES = (

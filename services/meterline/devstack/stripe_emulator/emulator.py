@@ -26,7 +26,7 @@ Emulated:
   * ``GET /_emulator/events`` / ``/_emulator/errors``: non-Stripe inspection endpoints.
   * Webhooks (test helpers, not Stripe API): ``POST /_emulator/webhook_endpoints`` (JSON
     ``url``, ``secret``, ``enabled_events``) and ``POST /_emulator/trigger`` (JSON ``type``
-    plus the object's parameters, see ``_triggers.build_object``) build Stripe-shaped
+    plus the object's parameters, see ``triggers.build_object``) build Stripe-shaped
     events (``objects``) and POST them signed like Stripe, retrying non-2xx with backoff;
     ``GET /_emulator/webhook_attempts`` lists attempts. In Python: ``add_webhook_endpoint``,
     ``trigger``, ``send_event`` and ``await emulator.webhooks.drain()``.
@@ -53,10 +53,10 @@ from typing import Any
 
 from aiohttp import web
 
-from meterline.stripe import _routes, objects
-from meterline.stripe._triggers import WebhookEndpoint, WebhookSender, build_object
-from meterline.stripe._wire import StripeHTTPError
-from meterline.stripe.webhooks import sign_payload
+from meterline.devstack.stripe_emulator import objects, routes
+from meterline.devstack.stripe_emulator.signing import sign_payload
+from meterline.devstack.stripe_emulator.triggers import WebhookEndpoint, WebhookSender, build_object
+from meterline.devstack.stripe_emulator.wire import StripeHTTPError
 
 __all__ = ["MeterEventRecord", "StripeEmulator", "run", "serve", "sign_payload"]
 
@@ -260,7 +260,7 @@ class StripeEmulator:
         jitter = self.random.uniform(0, self.latency_jitter_seconds) if self.latency_jitter_seconds else 0
         return self.latency_seconds + jitter
 
-    # -- webhooks (test helpers, see _triggers) ------------------------------------------------
+    # -- webhooks (test helpers, see triggers.py) ------------------------------------------------
     def add_webhook_endpoint(self, url: str, secret: str | None = None,
                              enabled_events: tuple[str, ...] = ("*",)) -> WebhookEndpoint:
         """Register a URL to receive signed events (like a Dashboard webhook endpoint)."""
@@ -296,7 +296,7 @@ class StripeEmulator:
     # -- HTTP ----------------------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
-        _routes.register(app, self)
+        routes.register(app, self)
         return app
 
     @web.middleware
