@@ -72,6 +72,11 @@ FLUSH_DURATION = Histogram(
 FLUSH_FAILURES = Counter(
     "meterline_flush_failures_total", "Flushes that did not commit and will be retried", ["reason"]
 )
+FLUSHES_IN_DOUBT = Counter(
+    "meterline_flushes_in_doubt_total",
+    "Flushes whose transaction broke after it began (maybe at COMMIT), by what Postgres"
+    " then said: committed (counted, not re-applied) or not_committed (retried)", ["outcome"]
+)
 FENCED_FLUSHES = Counter(
     "meterline_fenced_flushes_total", "Flushes rejected because another worker owns the partition"
 )

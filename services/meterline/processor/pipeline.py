@@ -59,7 +59,7 @@ from meterline.storage.checkpoints import FencedError
 from meterline.storage.db import DATABASE_UNAVAILABLE
 from meterline.storage.dedupe import purge as purge_dedupe
 from meterline.storage.dedupe import reserve
-from meterline.storage.flush import FlushPolicy, FlushResult, flush
+from meterline.storage.flush import FlushPolicy, FlushResult, flush, flush_committed
 from meterline.storage.grants import allocate_plan_periods, expire_grants
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,16 @@ class RecordRun:
     generation: int
     records: Sequence[KafkaRecord]
     start: int | None = None
+
+
+@dataclass(slots=True)
+class _InDoubt:
+    """A flush whose transaction broke after it began: it may or may not have committed."""
+
+    closable: Closable
+    generations: dict[int, int]  # claim generations at its take
+    result: FlushResult  # what it wrote, if it committed
+    started: float
 
 
 class Stalled(Exception):
@@ -147,6 +157,7 @@ class Pipeline:
         self.stall_backoff_s = stall_backoff_s
         self._room = asyncio.Event()
         self._room.set()
+        self._in_doubt: _InDoubt | None = None  # a flush whose COMMIT went unanswered
 
     # --- ownership -----------------------------------------------------------------
 
@@ -436,6 +447,10 @@ class Pipeline:
             metrics.PENDING_EVENTS.set(self.windows.pending_events)
 
     async def _flush_tick(self) -> FlushResult | None:
+        if self._in_doubt is not None:
+            # Nothing else flushes until Postgres says whether the unanswered COMMIT
+            # landed: a later checkpoint must never pass windows that may need a retry.
+            return await self._resolve_in_doubt()
         try:
             await self.reserve(self.windows.buffers())
         except DATABASE_UNAVAILABLE as exc:
@@ -453,6 +468,8 @@ class Pipeline:
         if len(epochs) < len(parts):  # a partition was released since the take
             closable = _only(closable, set(epochs))
         started = time.perf_counter()
+        result = FlushResult()
+        sent = False  # the flush transaction began: from here a lost connection is ambiguous
         try:
             await self.reserve(closable.windows)  # events that arrived during the first reserve
             same = {p for p in epochs if self.generations.get(p) == generations.get(p)}
@@ -461,8 +478,9 @@ class Pipeline:
                 epochs = {p: epochs[p] for p in same}
             await self.dlq.settle()
             async with self.pool.acquire() as conn:
-                result = await flush(conn, closable, epochs, self.policy,
-                                     datetime.fromtimestamp(now, UTC))
+                sent = True
+                await flush(conn, closable, epochs, self.policy,
+                            datetime.fromtimestamp(now, UTC), result)
         except FencedError as exc:
             metrics.FENCED_FLUSHES.inc()
             # Release only what another worker took: a partition we re-claimed ourselves
@@ -474,14 +492,42 @@ class Pipeline:
             return None
         except _FLUSH_RETRYABLE as exc:
             metrics.FLUSH_FAILURES.labels(type(exc).__name__).inc()
-            log.warning("flush failed, will retry: %r", exc)
-            self._restore(closable, generations)
+            if not sent:
+                log.warning("flush failed, will retry: %r", exc)
+                self._restore(closable, generations)
+                return None
+            # The connection broke (or a statement failed) inside the flush transaction, maybe
+            # during its COMMIT: it may have committed without our hearing. A blind retry
+            # would re-apply it, which its tokens' primary key refuses, forever. Ask Postgres.
+            log.warning("flush failed, checking whether it committed: %r", exc)
+            self._in_doubt = _InDoubt(closable, generations, result, started)
+            return await self._resolve_in_doubt()
+        self._committed(result, closable, started)
+        return result
+
+    async def _resolve_in_doubt(self) -> FlushResult | None:
+        """Settle a flush whose outcome is unknown: count it if it committed, else retry it."""
+        doubt = self._in_doubt
+        assert doubt is not None
+        try:
+            committed = await flush_committed(self.pool, doubt.closable)
+        except DATABASE_UNAVAILABLE as exc:
+            metrics.FLUSH_FAILURES.labels("in_doubt_" + type(exc).__name__).inc()
+            return None  # still down: ask again next tick, flushing nothing else meanwhile
+        self._in_doubt = None
+        metrics.FLUSHES_IN_DOUBT.labels("committed" if committed else "not_committed").inc()
+        if not committed:
+            log.warning("the failed flush did not commit; its windows are retried")
+            self._restore(doubt.closable, doubt.generations)
             return None
-        committed = self.clock()
-        self._record(result, closable, started, committed)
+        log.warning("the failed flush did commit: counted as done, not applied again")
+        self._committed(doubt.result, doubt.closable, doubt.started)
+        return doubt.result
+
+    def _committed(self, result: FlushResult, closable: Closable, started: float) -> None:
+        self._record(result, closable, started, self.clock())
         if self.windows.pending_events < self.settings.processor.max_pending_events:
             self._room.set()
-        return result
 
     def _restore(self, closable: Closable, generations: dict[int, int]) -> None:
         still = {p for p, g in generations.items() if self.generations.get(p) == g}

@@ -36,6 +36,7 @@ RETURNING key
 """
 
 CONFIRM = "INSERT INTO flush_tokens (token) SELECT unnest($1::bigint[])"
+CONFIRMED = "SELECT count(*) FROM flush_tokens WHERE token = ANY($1::bigint[])"
 
 PURGE_MARKS = "DELETE FROM dedupe_marks WHERE seen_at < $1"
 # Tokens outlive their marks (a mark's seen_at <= its token's committed_at), so a
@@ -64,6 +65,11 @@ async def confirm(conn: asyncpg.Connection, tokens: Sequence[int]) -> None:
     """Inside the flush transaction: the marks of these tokens become applied."""
     if tokens:
         await conn.execute(CONFIRM, list(tokens))
+
+
+async def confirmed(conn: asyncpg.Connection | asyncpg.Pool, tokens: Sequence[int]) -> int:
+    """How many of `tokens` a committed flush confirmed."""
+    return int(await conn.fetchval(CONFIRMED, list(tokens)))
 
 
 async def purge(conn: asyncpg.Connection | asyncpg.Pool, now: datetime, horizon: timedelta) -> None:
