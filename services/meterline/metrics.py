@@ -124,6 +124,11 @@ DEPENDENCY_RETRIES = Counter(
     "meterline_dependency_retries_total",
     "Operations a service retried after a database or broker error", ["service", "dependency"],
 )
+LOOP_FAILURES = Counter(
+    "meterline_loop_failures_total",
+    "Rounds of a service's loop that raised an unexpected exception (contained, retried)",
+    ["service", "loop"],
+)
 LAST_PROGRESS = Gauge(
     "meterline_last_progress_timestamp_seconds",
     "Unix time a service's loops last completed a round (what /healthz judges)", ["service"],

@@ -53,6 +53,7 @@ from meterline import metrics
 from meterline.config import Settings
 from meterline.core.events import EventValidator, Limits, Reason, UsageEvent
 from meterline.core.windows import TIME_BUCKET_MS, Closable, OpenWindows, WindowBuffer
+from meterline.health import POSTGRES, Health
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, dead_letter_headers
 from meterline.storage import checkpoints
 from meterline.storage.checkpoints import FencedError
@@ -131,6 +132,7 @@ class Pipeline:
         owner: str,
         clock: Clock = time.time,
         stall_backoff_s: tuple[float, float] = (0.1, 5.0),
+        health: Health | None = None,
     ) -> None:
         p = settings.processor
         self.settings = settings
@@ -158,6 +160,7 @@ class Pipeline:
         self._room = asyncio.Event()
         self._room.set()
         self._in_doubt: _InDoubt | None = None  # a flush whose COMMIT went unanswered
+        self.health = health or Health("processor")  # flushes report Postgres up or down
 
     # --- ownership -----------------------------------------------------------------
 
@@ -455,7 +458,7 @@ class Pipeline:
             await self.reserve(self.windows.buffers())
         except DATABASE_UNAVAILABLE as exc:
             metrics.FLUSH_FAILURES.labels("reserve_" + type(exc).__name__).inc()
-            log.warning("reserving dedupe marks failed, will retry: %r", exc)
+            self.health.down(POSTGRES, exc)  # logged once per outage, not per tick
             return None
         now = self.clock()
         closable = self.windows.take_closable(int(now * 1000))
@@ -492,8 +495,9 @@ class Pipeline:
             return None
         except _FLUSH_RETRYABLE as exc:
             metrics.FLUSH_FAILURES.labels(type(exc).__name__).inc()
+            if not isinstance(exc, DlqUnavailable):  # the DLQ writer reports the broker itself
+                self.health.down(POSTGRES, exc)  # logged once per outage, not per tick
             if not sent:
-                log.warning("flush failed, will retry: %r", exc)
                 self._restore(closable, generations)
                 return None
             # The connection broke (or a statement failed) inside the flush transaction, maybe
@@ -513,8 +517,10 @@ class Pipeline:
             committed = await flush_committed(self.pool, doubt.closable)
         except DATABASE_UNAVAILABLE as exc:
             metrics.FLUSH_FAILURES.labels("in_doubt_" + type(exc).__name__).inc()
+            self.health.down(POSTGRES, exc)
             return None  # still down: ask again next tick, flushing nothing else meanwhile
         self._in_doubt = None
+        self.health.up(POSTGRES)
         metrics.FLUSHES_IN_DOUBT.labels("committed" if committed else "not_committed").inc()
         if not committed:
             log.warning("the failed flush did not commit; its windows are retried")
@@ -525,6 +531,7 @@ class Pipeline:
         return doubt.result
 
     def _committed(self, result: FlushResult, closable: Closable, started: float) -> None:
+        self.health.up(POSTGRES)
         self._record(result, closable, started, self.clock())
         if self.windows.pending_events < self.settings.processor.max_pending_events:
             self._room.set()
