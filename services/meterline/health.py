@@ -90,6 +90,10 @@ class Health:
         now = self.clock()
         return sorted(k for k, t in self._beats.items() if now - t > self.stall_after_s)
 
+    def _since_beat(self) -> dict[str, float]:
+        now = self.clock()
+        return {loop: round(now - t, 1) for loop, t in sorted(self._beats.items())}
+
     def live(self) -> bool:
         return not self.stalled()
 
@@ -100,7 +104,8 @@ class Health:
             "/readyz": lambda: (self.ready(), {"service": self.service, "down": dict(self._down)}),
             "/healthz": lambda: (self.live(), {"service": self.service,
                                                "stalled": self.stalled(),
-                                               "failing": dict(self._failing)}),
+                                               "failing": dict(self._failing),
+                                               "since_beat_s": self._since_beat()}),
         }
 
     async def rounds(

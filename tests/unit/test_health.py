@@ -149,4 +149,5 @@ async def test_a_loop_that_only_fails_is_not_alive() -> None:
     await h.rounds(round_, lambda: stop, loop="work", interval_s=0.01)
     assert not h.live()
     assert h.probes()["/healthz"]() == (False, {"service": "unit-failing", "stalled": ["work"],
-                                                "failing": {"work": "ValueError"}})
+                                                "failing": {"work": "ValueError"},
+                                                "since_beat_s": {"work": 11.0}})
