@@ -35,6 +35,7 @@ from .harness import FakeClock, Record, assert_exact, assert_ledger_integrity, s
 pytestmark = pytest.mark.integration
 
 EVENTS = 300
+READY_FOR_QUERY = b"Z\x00\x00\x00\x05"  # the server's "done, next command" message
 
 
 class ConnectionCutter:
@@ -57,12 +58,19 @@ class ConnectionCutter:
         self._hostname = parts.hostname or "127.0.0.1"
         self._marker: bytes | None = None
         self._deliver = False
+        self._reply: bytes | None = None
         self.cuts = 0
         self._server: asyncio.AbstractServer | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="meterline-cutter-")
 
     def arm(self, marker: bytes, *, deliver: bool) -> None:
         self._marker, self._deliver = marker, deliver
+
+    def arm_reply(self, tag: bytes) -> None:
+        """Cut the first connection whose server reply holds `tag` (a command tag such as
+        b"INSERT 0 "), once the server said it is done with it (ReadyForQuery): the
+        statement ran and committed; the client never hears."""
+        self._reply = tag
 
     async def start(self) -> str:
         """Start listening; the DSN that goes through the proxy."""
@@ -110,6 +118,12 @@ class ConnectionCutter:
             while data := await s_reader.read(65536):
                 if swallow.is_set():
                     return  # the server answered; the client never hears it
+                if self._reply is not None and self._reply in data:
+                    self._reply = None
+                    self.cuts += 1
+                    while READY_FOR_QUERY not in data:
+                        data = await s_reader.read(65536)
+                    return  # the server is done with it; the client never hears
                 c_writer.write(data)
                 await c_writer.drain()
 
@@ -203,4 +217,30 @@ async def test_flush_with_unanswered_commit_is_resolved_from_postgres(
             settings.kafka.usage_topic) == 2 * EVENTS
 
         assert_exact(await snapshot(direct), gen)  # every event debited once
+        await assert_ledger_integrity(direct, gen.stats.events_sent)
+
+
+async def test_reservation_with_a_lost_answer_is_sent_again_not_taken_for_duplicates(
+    pipeline_settings: Callable[..., Settings],
+) -> None:
+    """The dedupe reservation ran in Postgres but its answer never came back: retried, the
+    buffer's own marks must count as its own — not as duplicates dropped unseen."""
+    settings = pipeline_settings(customers=5)
+    gen = LoadGenerator(settings, customer_ids(5), duplicates=0, late=0, invalid=0, seed=11)
+    t0 = time.time()
+    close_s = (settings.processor.window_size_ms + settings.processor.window_grace_ms) / 1000 + 1
+    cutter = ConnectionCutter(settings.database_url)
+    clock = FakeClock(t0)
+    async with _pipeline(settings, cutter, clock) as (pipeline, direct):
+        assert await pipeline.claim([0]) == {0: 0}
+        pipeline.ingest(RecordRun(0, pipeline.generation(0), _records(settings, gen, t0, 0)))
+        cutter.arm_reply(f"INSERT 0 {EVENTS}".encode())
+        assert await pipeline.flush_tick() is None  # windows still open; the reservation broke
+        assert cutter.cuts == 1
+        assert await direct.fetchval("SELECT count(*) FROM dedupe_marks") == EVENTS  # it ran
+        clock.now = t0 + close_s
+        result = await pipeline.flush_tick()
+        assert result is not None and (result.events_new, result.duplicates) == (EVENTS, 0)
+        assert pipeline.windows.pending_events == 0
+        assert_exact(await snapshot(direct), gen)
         await assert_ledger_integrity(direct, gen.stats.events_sent)

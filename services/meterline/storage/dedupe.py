@@ -14,6 +14,11 @@ small statements, and the flush transaction confirms a whole window with one
   partition's new owner, now replaying the event, takes it over;
 - a live reservation of another partition (a mis-keyed duplicate) is never
   taken over: that partition's owner will debit it, or replay it;
+- a mark already stamped with the reserving buffer's own token is that buffer's: a
+  reservation whose answer was lost (connection broken after the INSERT ran) is simply
+  sent again, and must not find its own marks and call its events duplicates (which
+  would drop them unseen). Tokens are random per buffer, and a confirmed token's buffer
+  is gone, so no other buffer reserves under it;
 - epochs only grow, and a claim waits for an in-flight flush of the partition
   (both lock its checkpoint row), so a takeover never races a confirmation.
 """
@@ -30,8 +35,9 @@ INSERT INTO dedupe_marks AS m (key, slot, epoch, token)
 SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[])
 ON CONFLICT (key) DO UPDATE
     SET slot = excluded.slot, epoch = excluded.epoch, token = excluded.token, seen_at = now()
-    WHERE m.slot = excluded.slot AND m.epoch < excluded.epoch
-      AND NOT EXISTS (SELECT 1 FROM flush_tokens f WHERE f.token = m.token)
+    WHERE (m.token = excluded.token
+           OR m.slot = excluded.slot AND m.epoch < excluded.epoch
+              AND NOT EXISTS (SELECT 1 FROM flush_tokens f WHERE f.token = m.token))
 RETURNING key
 """
 
