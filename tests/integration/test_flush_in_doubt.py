@@ -244,3 +244,43 @@ async def test_reservation_with_a_lost_answer_is_sent_again_not_taken_for_duplic
         assert pipeline.windows.pending_events == 0
         assert_exact(await snapshot(direct), gen)
         await assert_ledger_integrity(direct, gen.stats.events_sent)
+
+
+async def test_duplicates_arriving_during_the_reservation_leave_pending_exact(
+    pipeline_settings: Callable[..., Settings],
+) -> None:
+    """Events that arrive while the tick's first reservation runs are reserved after the take;
+    those that are duplicates leave the taken windows — and must not leave `pending` twice."""
+    settings = pipeline_settings(customers=5)
+    gen = LoadGenerator(settings, customer_ids(5), duplicates=0, late=0, invalid=0, seed=13)
+    t0 = time.time()
+    close_s = (settings.processor.window_size_ms + settings.processor.window_grace_ms) / 1000 + 1
+    clock = FakeClock(t0)
+    async with _pipeline(settings, ConnectionCutter(settings.database_url), clock) as (
+            pipeline, direct):
+        assert await pipeline.claim([0]) == {0: 0}
+        first = _records(settings, gen, t0, 0)
+        pipeline.ingest(RecordRun(0, pipeline.generation(0), first[:EVENTS // 2]))
+        await pipeline.flush_tick()  # reserved (and the checkpoint stored); windows still open
+        open_events = sum(len(b.events) for b in pipeline.windows.buffers())
+        assert open_events > 0 and pipeline.windows.pending_events == open_events
+        # The same events again (a producer retry), arriving during the next reservation.
+        again = [Record(EVENTS // 2 + i, r.key, r.value) for i, r in enumerate(first[:EVENTS // 2])]
+        reserve = pipeline.reserve
+        arrived = False
+
+        async def reserve_while_records_arrive(buffers: list[object]) -> None:
+            nonlocal arrived
+            await reserve(buffers)  # type: ignore[arg-type]
+            if not arrived:
+                arrived = True
+                pipeline.ingest(RecordRun(0, pipeline.generation(0), again))
+
+        pipeline.reserve = reserve_while_records_arrive  # type: ignore[method-assign]
+        clock.now = t0 + close_s
+        result = await pipeline.flush_tick()
+        assert result is not None and result.events_new == open_events
+        assert pipeline.windows.pending_events == 0
+        assert await pipeline.flush_tick() is None
+        assert pipeline.windows.pending_events == 0
+        assert await direct.fetchval("SELECT count(*) FROM dedupe_marks") == EVENTS // 2

@@ -474,7 +474,11 @@ class Pipeline:
         result = FlushResult()
         sent = False  # the flush transaction began: from here a lost connection is ambiguous
         try:
+            held = sum(len(w.events) for w in closable.windows)
             await self.reserve(closable.windows)  # events that arrived during the first reserve
+            # reserve() takes the duplicates it drops out of `pending`, but these windows
+            # already left it at the take: put them back, or the gauge drifts below zero.
+            self.windows.pending_events += held - sum(len(w.events) for w in closable.windows)
             same = {p for p in epochs if self.generations.get(p) == generations.get(p)}
             if len(same) < len(epochs):  # re-claimed meanwhile: the new claim replays them
                 closable = _only(closable, same)
