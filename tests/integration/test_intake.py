@@ -296,7 +296,7 @@ async def test_record_whose_handling_raises_is_dead_lettered_as_internal_error(
     records = [Record(i, b"c-int", event("c-int", f"ie-{i}", now_ms, 10 + i)) for i in range(6)]
     clock = FakeClock(now)
     pool = await create_pool(settings.database_url)
-    dlq = DlqWriter(k.bootstrap_servers, k.usage_dlq_topic, k.usage_topic)
+    dlq = DlqWriter(k, k.usage_dlq_topic, k.usage_topic)
     errors_before = sample("meterline_intake_internal_errors_total")
     try:
         pipeline = Pipeline(settings, pool, dlq, "w-internal", clock)
