@@ -2,15 +2,15 @@
 
     python /usr/local/lib/meterline/healthcheck.py [PORT [PATH]]
 
-Healthy when http://127.0.0.1:PORT/PATH answers 200; PATH defaults to /metrics (the
-Prometheus endpoint every worker serves from the moment it starts: processor 9464,
-relay 9465, stripe-sink 9466, reconcile 9467, ledger-consumer 9468). The HTTP services
-pass their readiness path instead (`8080 /readyz` for the api, `8081 /readyz` for the
-webhook bridge). PORT is the argument, else $METERLINE_HEALTH_PORT; with neither (one-shot
+Healthy when http://127.0.0.1:PORT/PATH answers 200; PATH defaults to /metrics (served
+by every worker from the moment it starts: processor 9464, relay 9465, stripe-sink 9466,
+reconcile 9467, ledger-consumer 9468). docker-compose.yml passes each service's readiness
+path, `/readyz` (Postgres and Kafka answer), for every service but reconcile, which serves
+only /metrics. PORT is the argument, else $METERLINE_HEALTH_PORT; with neither (one-shot
 commands such as `migrate`, `topics`, `load`) the check passes.
 
-For a worker, this says "the process is up and serving", not "it is keeping up": alert on
-meterline_consumer_lag_messages and meterline_outbox_oldest_age_seconds for that.
+Readiness is not "keeping up": alert on meterline_consumer_lag_messages and
+meterline_outbox_oldest_age_seconds for that.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ is not alive, and only then should an orchestrator restart it.
 
 State changes are logged once (down, then up again), never per retry; every retry is
 counted in `meterline_dependency_retries_total{service,dependency}`.
+
+A loop that raises something it does not expect (a bug, not an outage) is contained by
+`rounds`: counted in `meterline_loop_failures_total{service,loop}`, logged once with its
+traceback until a round succeeds again, retried after a growing back-off. Its failed
+rounds are no beat: a loop that only fails makes no progress, and liveness says so.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class Health:
         self.stall_after_s = stall_after_s
         self.clock = clock
         self._down: dict[str, str] = {}  # dependency -> why (exception type)
+        self._failing: dict[str, str] = {}  # loop -> what it last raised
         self._beats: dict[str, float] = {}
 
     # --- dependencies --------------------------------------------------------------
@@ -69,10 +75,24 @@ class Health:
         """`loop` completed a round: it is not stuck."""
         self._beats[loop] = self.clock()
         metrics.LAST_PROGRESS.labels(self.service).set(time.time())
+        if self._failing.pop(loop, None) is not None:
+            log.info("%s: the %s loop completed a round again", self.service, loop)
+
+    def failed(self, loop: str, exc: BaseException) -> None:
+        """`loop` raised something it does not expect; it backs off and tries again."""
+        metrics.LOOP_FAILURES.labels(self.service, loop).inc()
+        if loop not in self._failing:
+            log.error("%s: the %s loop failed; retrying with back-off", self.service, loop,
+                      exc_info=exc)
+        self._failing[loop] = type(exc).__name__
 
     def stalled(self) -> list[str]:
         now = self.clock()
         return sorted(k for k, t in self._beats.items() if now - t > self.stall_after_s)
+
+    def _since_beat(self) -> dict[str, float]:
+        now = self.clock()
+        return {loop: round(now - t, 1) for loop, t in sorted(self._beats.items())}
 
     def live(self) -> bool:
         return not self.stalled()
@@ -83,8 +103,38 @@ class Health:
         return {
             "/readyz": lambda: (self.ready(), {"service": self.service, "down": dict(self._down)}),
             "/healthz": lambda: (self.live(), {"service": self.service,
-                                               "stalled": self.stalled()}),
+                                               "stalled": self.stalled(),
+                                               "failing": dict(self._failing),
+                                               "since_beat_s": self._since_beat()}),
         }
+
+    async def rounds(
+        self,
+        round_: Callable[[], Awaitable[object]],
+        stopping: Callable[[], bool],
+        *,
+        loop: str,
+        interval_s: float,
+        cap_s: float = 30.0,
+    ) -> None:
+        """Run `round_` every `interval_s` until `stopping()`; it never ends on an exception.
+
+        A round that returns is a beat. One that raises is counted and logged (`failed`) and
+        the next waits twice as long as the last, up to `cap_s`, until a round succeeds.
+        """
+        delay = interval_s
+        while not stopping():
+            try:
+                await round_()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - contained: counted, logged, retried
+                self.failed(loop, exc)
+                delay = min(max(delay, interval_s, 0.1) * 2, cap_s)
+            else:
+                self.beat(loop)
+                delay = interval_s
+            await asyncio.sleep(delay)
 
     # --- retrying ------------------------------------------------------------------
 

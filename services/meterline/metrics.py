@@ -85,6 +85,11 @@ FLUSH_DURATION = Histogram(
 FLUSH_FAILURES = Counter(
     "meterline_flush_failures_total", "Flushes that did not commit and will be retried", ["reason"]
 )
+FLUSHES_IN_DOUBT = Counter(
+    "meterline_flushes_in_doubt_total",
+    "Flushes whose transaction broke after it began (maybe at COMMIT), by what Postgres"
+    " then said: committed (counted, not re-applied) or not_committed (retried)", ["outcome"]
+)
 FENCED_FLUSHES = Counter(
     "meterline_fenced_flushes_total", "Flushes rejected because another worker owns the partition"
 )
@@ -131,6 +136,11 @@ DEPENDENCY_UP = Gauge(
 DEPENDENCY_RETRIES = Counter(
     "meterline_dependency_retries_total",
     "Operations a service retried after a database or broker error", ["service", "dependency"],
+)
+LOOP_FAILURES = Counter(
+    "meterline_loop_failures_total",
+    "Rounds of a service's loop that raised an unexpected exception (contained, retried)",
+    ["service", "loop"],
 )
 LAST_PROGRESS = Gauge(
     "meterline_last_progress_timestamp_seconds",

@@ -17,19 +17,22 @@ from meterline.config import Settings
 
 # Long-running service -> (port it listens on, the path its health check asks for). The
 # ports are the config defaults (PORT_SETTING) and are distinct, so a service keeps its
-# port wherever it runs (all on one host in `meterline dev`). The workers' port serves only
-# /metrics; the api and the bridge serve /metrics, /healthz and /readyz on their HTTP port.
+# port wherever it runs (all on one host in `meterline dev`). The workers serve /metrics,
+# /healthz and /readyz on their metrics port (reconcile, a periodic job, only /metrics); the
+# api and the bridge serve all three on their HTTP port.
 SERVICE_PORTS: dict[str, tuple[int, str]] = {
-    "processor": (9464, "/metrics"),
-    "relay": (9465, "/metrics"),
-    "stripe-sink": (9466, "/metrics"),
+    "processor": (9464, "/readyz"),
+    "relay": (9465, "/readyz"),
+    "stripe-sink": (9466, "/readyz"),
     "reconcile": (9467, "/metrics"),
-    "ledger-consumer": (9468, "/metrics"),
+    "ledger-consumer": (9468, "/readyz"),
     "webhook-bridge": (8081, "/readyz"),
     "api": (8080, "/readyz"),
     "stripe-emulator": (12111, "/_emulator/errors"),  # dev only: not on Kubernetes
 }
 HTTP_SERVICES = frozenset({"webhook-bridge", "api"})
+# Services whose liveness (/healthz) and readiness (/readyz) are probed (meterline/health.py).
+PROBED_SERVICES = HTTP_SERVICES | {"processor", "relay", "stripe-sink", "ledger-consumer"}
 
 # Service -> the Settings field holding its port.
 PORT_SETTING = {

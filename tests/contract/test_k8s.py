@@ -37,6 +37,7 @@ from meterline.config import Settings, load_settings
 from .deployment import (
     HTTP_SERVICES,
     PORT_SETTING,
+    PROBED_SERVICES,
     SECRETS_USED,
     SERVICE_PORTS,
     check_meterline_argv,
@@ -303,7 +304,7 @@ def test_probes(component: str) -> None:
         assert get["port"] in ports or get["port"] in ports.values(), f"{component}.{probe}: unknown port"
         paths[probe] = get["path"]
         assert container[probe]["timeoutSeconds"] < container[probe]["periodSeconds"]
-    if component in HTTP_SERVICES:
+    if component in PROBED_SERVICES:
         assert paths == {"startupProbe": "/healthz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
     else:
         assert set(paths.values()) == {"/metrics"}

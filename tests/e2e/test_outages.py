@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import urllib.error
 import urllib.request
@@ -176,7 +177,7 @@ async def test_every_service_rides_out_postgres_crash_slot_exhaustion_and_broker
                     try:
                         for _ in range(OUTAGE_S):
                             await asyncio.sleep(1)
-                            not_ready |= {n for n in ("relay", "sink")
+                            not_ready |= {n for n in ("relay", "sink", "processor")
                                           if _probe(ports[n], "/readyz")[0] == 503}
                         services.check_alive()
                     finally:
@@ -206,21 +207,28 @@ async def test_every_service_rides_out_postgres_crash_slot_exhaustion_and_broker
                         "meterline_flush_failures_total", "meterline_last_flush_commit",
                         "meterline_owned_partitions", "meterline_pending_events",
                         "meterline_consumer_lag_messages", "meterline_producer_replacements",
-                        "meterline_records_in_total"))}
+                        "meterline_records_in_total", "meterline_loop_failures_total",
+                        "meterline_dependency_up"))}
+                    # Where is it stuck? Faust's worker logs every task's stack on SIGUSR1.
+                    services.procs["w1"].send_signal(signal.SIGUSR1)
+                    await asyncio.sleep(3)
                     pytest.fail(f"debited {snap.events_debited} of {gen.stats.events_sent} events;"
                                 f" usage messages on the broker: {on_broker} of"
-                                f" {gen.stats.messages_sent} sent; processor: {proc}")
+                                f" {gen.stats.messages_sent} sent; processor: {proc};"
+                                f" /healthz {_probe(ports['processor'], '/healthz')};"
+                                f" task stacks in {services.workdir / 'w1.log'}")
                 assert_exact(snap, gen)
                 await assert_ledger_integrity(pool, gen.stats.events_sent)
                 want = await wait_for_stripe_to_equal_ledger(pool, settings, emu, services)
 
                 async def all_ready() -> bool:
                     return all(_probe(ports[n], "/readyz")[0] == 200
-                               for n in ("relay", "sink", "ledger"))
+                               for n in ("relay", "sink", "ledger", "processor"))
                 await wait_until(all_ready, timeout=30, what="every service ready again",
                                  workers=services)
                 services.check_alive()
-                live = {n: _probe(ports[n], "/healthz")[0] for n in ("relay", "sink", "ledger")}
+                live = {n: _probe(ports[n], "/healthz")[0]
+                        for n in ("relay", "sink", "ledger", "processor")}
                 seen = {n: scrape(ports[n]) for n in ("relay", "sink", "processor", "ledger")}
                 unsent = await pool.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
                 granted = await pool.fetchval(
@@ -234,8 +242,12 @@ async def test_every_service_rides_out_postgres_crash_slot_exhaustion_and_broker
         await api.close()
         await runner.cleanup()
     assert services.gone == [(n, 0) for n, _ in services.gone]  # only our clean stop, no exit
-    assert live == {"relay": 200, "sink": 200, "ledger": 200}
-    assert not_ready == {"relay", "sink"}, "holding every slot must make them not ready"
+    assert live == {"relay": 200, "sink": 200, "ledger": 200, "processor": 200}
+    assert not_ready == {"relay", "sink", "processor"}, \
+        "holding every slot must make them not ready"
+    # the processor waited Postgres out in its flush loop, and no loop failed unexpectedly
+    assert seen["processor"].get("meterline_dependency_retries_total:dependency=postgres", 0) > 0
+    assert seen["processor"].get("meterline_loop_failures_total", 0) == 0, seen["processor"]
     assert stripe_by_meter(emu) == want
     assert sum(dlq.values()) >= gen.stats.invalid_sent > 0  # every bad input dead-lettered
     for name in ("relay", "sink"):  # each waited out the database, not exited

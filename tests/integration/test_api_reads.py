@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -10,6 +11,7 @@ import aiohttp
 import pytest
 
 from meterline.api.auth import load_tokens
+from meterline.devstack.embedded import EmbeddedPostgres
 
 from .api_support import (
     NOW,
@@ -351,3 +353,29 @@ async def test_readyz_reports_the_database_going_away(migrated_database: str) ->
         assert body["error"]["code"] == "not_ready"
         body = await api.get_json("/v1/customers/x/balance", 503)
         assert body["error"]["code"] == "database_unavailable"
+
+
+async def test_api_answers_503_through_a_postgres_crash_and_recovers_without_a_restart(
+    migrated_database: str, embedded_postgres: EmbeddedPostgres | None,
+) -> None:
+    if embedded_postgres is None:
+        pytest.skip("needs the embedded Postgres to crash it")
+    async with running_api(api_settings(migrated_database)) as api:
+        await api.get_json("/readyz")
+        await api.get_json("/v1/customers/nobody/balance", 404)
+        embedded_postgres.crash()
+        try:
+            assert (await api.get_json("/readyz", 503))["error"]["code"] == "not_ready"
+            body = await api.get_json("/v1/customers/nobody/balance", 503)
+            assert body["error"]["code"] == "database_unavailable"
+        finally:
+            embedded_postgres.recover()
+        # The same process serves again once Postgres is back (its pool reconnects).
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            async with api.http.get(api.url + "/readyz") as r:
+                if r.status == 200:
+                    break
+            assert asyncio.get_running_loop().time() < deadline, "API never ready again"
+            await asyncio.sleep(0.5)
+        await api.get_json("/v1/customers/nobody/balance", 404)

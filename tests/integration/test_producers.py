@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Sized
 
@@ -20,6 +21,8 @@ from meterline.core.events import Reason, Rejection
 from meterline.devstack.embedded import EmbeddedKafka, create_topics
 from meterline.kafka.producer import HealingProducer, producer_config
 from meterline.processor.dlq import DlqUnavailable, DlqWriter
+from meterline.relay.outbox import OutboxRelay
+from meterline.webhooks.publisher import StripeEventPublisher
 
 from .harness import read_messages
 
@@ -215,3 +218,27 @@ async def test_dlq_writer_raises_dlq_unavailable_when_nothing_can_be_queued(
     await asyncio.sleep(0)
     await dlq.settle()
     dlq.close()
+
+
+async def test_relay_and_bridge_check_their_topics_size_limits_at_start_up(
+    kafka_bootstrap: str, unique_topic_prefix: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    small = 200_000  # below the producers' message.max.bytes (kafka.producer_message_max_bytes)
+    aggregates, changes, events = (f"{unique_topic_prefix}{n}" for n in ("agg", "bal", "events"))
+    create_topics(kafka_bootstrap, {aggregates: 1, changes: 1, events: 1}, configs={
+        aggregates: {"max.message.bytes": str(small)}, events: {"max.message.bytes": str(small)}})
+    kafka = _kafka(kafka_bootstrap, aggregates_topic=aggregates, balance_changes_topic=changes,
+                   stripe_events_topic=events)
+    assert kafka.producer_message_max_bytes > small
+    with caplog.at_level(logging.WARNING, logger="meterline.kafka.limits"):
+        relay = OutboxRelay(None, kafka)  # type: ignore[arg-type] # no database needed to start
+        publisher = StripeEventPublisher(kafka, events, delivery_timeout_s=5,
+                                         message_timeout_ms=TIMEOUT_MS, probe_interval_s=1)
+        await publisher.start()
+        try:
+            assert publisher.max_bytes == small
+        finally:
+            await publisher.close()
+    assert relay.max_bytes == {aggregates: small, changes: kafka.producer_message_max_bytes}
+    warned = [r.getMessage() for r in caplog.records if "below the producer" in r.getMessage()]
+    assert len(warned) == 2 and {w.split(":")[0] for w in warned} == {aggregates, events}

@@ -97,3 +97,57 @@ async def test_retrying_gives_up_when_stopped_and_lets_other_errors_through() ->
 
     with pytest.raises(KeyError):
         await h.retrying(bug, asyncio.Event(), retry_on={OSError: KAFKA}, loop="main")
+
+
+async def test_rounds_contain_an_unexpected_exception_log_it_once_and_back_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    h = Health("unit-rounds", stall_after_s=10, clock=clock)
+    calls: list[float] = []
+    loop = asyncio.get_running_loop()
+    stop = False
+
+    async def round_() -> None:
+        nonlocal stop
+        calls.append(loop.time())
+        if len(calls) <= 3:
+            raise KeyError("a bug, not an outage")
+        stop = len(calls) >= 5
+
+    failures = metrics.LOOP_FAILURES.labels("unit-rounds", "work")
+    before = failures._value.get()  # noqa: SLF001
+    with caplog.at_level(logging.INFO, logger="meterline.health"):
+        await asyncio.wait_for(
+            h.rounds(round_, lambda: stop, loop="work", interval_s=0.01, cap_s=0.5), 5)
+    assert len(calls) == 5  # the exceptions did not end the loop
+    assert failures._value.get() == before + 3  # noqa: SLF001
+    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    # backed off after each failure (from 0.1 s, doubling, up to the cap), not after success
+    for gap, delay in zip(gaps, (0.2, 0.4, 0.5), strict=False):
+        assert delay <= gap < delay + 0.15
+    assert gaps[3] < 0.15
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "work loop failed" in errors[0].getMessage()
+    assert errors[0].exc_info is not None  # the traceback, once
+    assert any("completed a round again" in r.getMessage() for r in caplog.records)
+    assert h.probes()["/healthz"]()[1]["failing"] == {}
+
+
+async def test_a_loop_that_only_fails_is_not_alive() -> None:
+    clock = FakeClock()
+    h = Health("unit-failing", stall_after_s=10, clock=clock)
+    h.beat("work")
+    stop = False
+
+    async def round_() -> None:
+        nonlocal stop
+        clock.now += 11  # time passes; no round succeeds
+        stop = True
+        raise ValueError("still broken")
+
+    await h.rounds(round_, lambda: stop, loop="work", interval_s=0.01)
+    assert not h.live()
+    assert h.probes()["/healthz"]() == (False, {"service": "unit-failing", "stalled": ["work"],
+                                                "failing": {"work": "ValueError"},
+                                                "since_beat_s": {"work": 11.0}})

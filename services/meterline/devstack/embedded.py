@@ -29,7 +29,7 @@ import socket
 import subprocess
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
@@ -376,10 +376,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def create_topics(kafka: KafkaTarget, topics: dict[str, int], timeout: float = 20) -> None:
-    """Create ``topics`` (name -> partition count, replication 1) on ``kafka`` (a config,
-    or the embedded broker's address) and wait until metadata shows each with all its
-    partitions. Existing topics are accepted."""
+def create_topics(kafka: KafkaTarget, topics: dict[str, int], timeout: float = 20,
+                  configs: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    """Create ``topics`` (name -> partition count, replication 1; ``configs``: name -> topic
+    configs for a new topic) on ``kafka`` (a config, or the embedded broker's address) and
+    wait until metadata shows each with all its partitions. Existing topics are accepted
+    as they are."""
     bootstrap_servers = kafka_config(kafka).bootstrap_servers
     if bad := {name: n for name, n in topics.items() if n < 1}:
         # Checked here because Tansu accepts a zero-partition topic without complaint.
@@ -389,7 +391,8 @@ def create_topics(kafka: KafkaTarget, topics: dict[str, int], timeout: float = 2
     admin = AdminClient(librdkafka_config(kafka))
     deadline = time.monotonic() + timeout
     futures = admin.create_topics(
-        [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items()],
+        [NewTopic(name, num_partitions=n, replication_factor=1,
+                  config=dict((configs or {}).get(name, {}))) for name, n in topics.items()],
         request_timeout=timeout,
     )
     for name, future in futures.items():

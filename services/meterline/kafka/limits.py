@@ -11,6 +11,7 @@ limit in force, and we say so in the log.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
@@ -59,3 +60,10 @@ def topic_max_bytes(kafka: KafkaConfig, topic: str, configured: int,
                     configured)
         return smallest
     return configured
+
+
+def producer_limits(kafka: KafkaConfig, topics: Iterable[str], configured: int,
+                    timeout_s: float = 5.0) -> dict[str, int]:
+    """`topic_max_bytes` of each topic a producer writes, checked once at start-up (a topic
+    that takes less than the producer sends is logged as a warning there)."""
+    return {t: topic_max_bytes(kafka, t, configured, timeout_s) for t in topics}

@@ -36,11 +36,11 @@ from faust.types import TP
 from meterline import metrics
 from meterline.config import Settings
 from meterline.consumer_lag import ConsumerLag
-from meterline.health import Health
+from meterline.health import POSTGRES, Health
 from meterline.kafka.security import faust_credentials
 from meterline.processor.dlq import DlqWriter
 from meterline.processor.pipeline import Pipeline, RecordRun
-from meterline.storage.db import create_pool
+from meterline.storage.db import DATABASE_UNAVAILABLE, create_pool
 from meterline.storage.grants import sync_config
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,8 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
     CheckpointedConsumer.usage_topic = k.usage_topic
     CheckpointedConsumer.lag = ConsumerLag(k.consumer_group, k.usage_topic)
     owner = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-    state: dict[str, Any] = {}
+    health = processor_health(settings)
+    state: dict[str, Any] = {"health": health}
 
     @app.agent(topic, concurrency=1)
     async def process(stream: faust.StreamT) -> None:
@@ -250,13 +251,14 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
             log.exception("the processor agent crashed; Faust restarts it")
             raise
 
+    # Each loop runs in rounds that never end it: an unexpected exception is counted, logged
+    # once and retried with back-off (health.py). /healthz judges the flush loop's rounds,
+    # /readyz the last word on Postgres and Kafka.
     @app.task
     async def flush_loop() -> None:
         pipeline = await _ready(state)
-        interval = p.flush_interval_ms / 1000
-        while not app.should_stop:
-            await pipeline.flush_tick()
-            await asyncio.sleep(interval)
+        await health.rounds(pipeline.flush_tick, lambda: app.should_stop, loop="flush",
+                            interval_s=p.flush_interval_ms / 1000)
 
     @app.task
     async def lag_loop() -> None:
@@ -269,19 +271,35 @@ def build_app(settings: Settings, worker_id: str | None = None) -> tuple[faust.A
     @app.task
     async def maintenance_loop() -> None:
         pipeline = await _ready(state)
-        while not app.should_stop:
-            await asyncio.sleep(5)
+
+        async def maintain() -> None:
             try:
                 await pipeline.maintain()
-            except Exception:  # noqa: BLE001 - housekeeping retries next round
-                log.exception("maintenance failed; retrying in 5 s")
+            except DATABASE_UNAVAILABLE as exc:  # an outage, not a failure: retried next round
+                health.down(POSTGRES, exc)
+        await health.rounds(maintain, lambda: app.should_stop, loop="maintenance", interval_s=5)
+
+    @app.task
+    async def readiness_loop() -> None:
+        """Postgres and Kafka checked even when the topic is idle and nothing flushes."""
+        pipeline = await _ready(state)
+
+        async def probe() -> None:
+            try:
+                await pipeline.pool.fetchval("SELECT 1", timeout=5)
+            except DATABASE_UNAVAILABLE as exc:
+                health.down(POSTGRES, exc)
+            else:
+                health.up(POSTGRES)
+            await pipeline.dlq.reachable()
+        await health.rounds(probe, lambda: app.should_stop, loop="readiness", interval_s=5)
 
     async def on_startup() -> None:
         pool = await create_pool(settings.database_url, max_size=4)
         async with pool.acquire() as conn:
             await sync_config(conn, settings)
-        dlq = DlqWriter(k, k.usage_dlq_topic, k.usage_topic, health=Health("processor"))
-        pipeline = Pipeline(settings, pool, dlq, owner)
+        dlq = DlqWriter(k, k.usage_dlq_topic, k.usage_topic, health=health)
+        pipeline = Pipeline(settings, pool, dlq, owner, health=health)
         await pipeline.maintain()
         CheckpointedConsumer.pipeline = pipeline
         state["pipeline"] = pipeline
@@ -298,12 +316,19 @@ async def _ready(state: dict[str, Any]) -> Pipeline:
     return pipeline
 
 
+def processor_health(settings: Settings) -> Health:
+    """The processor's readiness and liveness. A flush round may wait out the DLQ's settle
+    (three attempts of the producer's message timeout plus 5 s) before it beats."""
+    settle_s = 3 * (settings.kafka.producer_message_timeout_ms / 1000 + 5)
+    return Health("processor", stall_after_s=max(300.0, settle_s + 60))
+
+
 def run(settings: Settings, worker_id: str | None = None) -> None:
     """Run a processor worker until SIGINT/SIGTERM."""
     from faust.worker import Worker
 
     app, state = build_app(settings, worker_id)
-    metrics.serve(settings.processor.metrics_port)
+    metrics.serve(settings.processor.metrics_port, state["health"].probes())
     # The pipeline (asyncpg pool, DLQ producer) must exist before the consumer's
     # first rebalance calls seek_to_committed, so build it on the worker's loop first.
     loop = asyncio.new_event_loop()

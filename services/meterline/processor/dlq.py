@@ -189,6 +189,18 @@ class DlqWriter:
         self._unavailable(exc)
         raise exc
 
+    async def reachable(self, timeout_s: float = 5.0) -> bool:
+        """Ask the broker for the DLQ topic's metadata: is Kafka there (readiness probe)?"""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self._producer.list_topics, self.topic, timeout_s)
+        except KafkaException as exc:
+            self._unavailable(exc)
+            return False
+        if self.health is not None:
+            self.health.up(KAFKA)
+        return True
+
     def _unavailable(self, exc: BaseException) -> None:
         if self.health is not None:
             self.health.down(KAFKA, exc)

@@ -53,12 +53,13 @@ from meterline import metrics
 from meterline.config import ProcessorConfig, Settings
 from meterline.core.events import EventValidator, Limits, Reason, UsageEvent
 from meterline.core.windows import TIME_BUCKET_MS, Closable, OpenWindows, WindowBuffer
+from meterline.health import POSTGRES, Health
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, dead_letter_headers
 from meterline.storage import checkpoints
 from meterline.storage.checkpoints import FencedError
 from meterline.storage.db import DATABASE_UNAVAILABLE
 from meterline.storage.dedupe import Identity, reserve, retain
-from meterline.storage.flush import FlushPolicy, FlushResult, flush
+from meterline.storage.flush import FlushPolicy, FlushResult, flush, flush_committed
 from meterline.storage.grants import allocate_plan_periods, expire_grants
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,16 @@ class RecordRun:
     generation: int
     records: Sequence[KafkaRecord]
     start: int | None = None
+
+
+@dataclass(slots=True)
+class _InDoubt:
+    """A flush whose transaction broke after it began: it may or may not have committed."""
+
+    closable: Closable
+    generations: dict[int, int]  # claim generations at its take
+    result: FlushResult  # what it wrote, if it committed
+    started: float
 
 
 class Stalled(Exception):
@@ -138,6 +149,7 @@ class Pipeline:
         owner: str,
         clock: Clock = time.time,
         stall_backoff_s: tuple[float, float] = (0.1, 5.0),
+        health: Health | None = None,
     ) -> None:
         p = settings.processor
         self.settings = settings
@@ -165,6 +177,8 @@ class Pipeline:
         self.stall_backoff_s = stall_backoff_s
         self._room = asyncio.Event()
         self._room.set()
+        self._in_doubt: _InDoubt | None = None  # a flush whose COMMIT went unanswered
+        self.health = health or Health("processor")  # flushes report Postgres up or down
 
     # --- ownership -----------------------------------------------------------------
 
@@ -459,11 +473,15 @@ class Pipeline:
             metrics.PENDING_EVENTS.set(self.windows.pending_events)
 
     async def _flush_tick(self) -> FlushResult | None:
+        if self._in_doubt is not None:
+            # Nothing else flushes until Postgres says whether the unanswered COMMIT
+            # landed: a later checkpoint must never pass windows that may need a retry.
+            return await self._resolve_in_doubt()
         try:
             await self.reserve(self.windows.buffers())
         except DATABASE_UNAVAILABLE as exc:
             metrics.FLUSH_FAILURES.labels("reserve_" + type(exc).__name__).inc()
-            log.warning("reserving dedupe marks failed, will retry: %r", exc)
+            self.health.down(POSTGRES, exc)  # logged once per outage, not per tick
             return None
         now = self.clock()
         closable = self.windows.take_closable(int(now * 1000))
@@ -476,16 +494,23 @@ class Pipeline:
         if len(epochs) < len(parts):  # a partition was released since the take
             closable = _only(closable, set(epochs))
         started = time.perf_counter()
+        result = FlushResult()
+        sent = False  # the flush transaction began: from here a lost connection is ambiguous
         try:
+            held = sum(len(w.events) for w in closable.windows)
             await self.reserve(closable.windows)  # events that arrived during the first reserve
+            # reserve() takes the duplicates it drops out of `pending`, but these windows
+            # already left it at the take: put them back, or the gauge drifts below zero.
+            self.windows.pending_events += held - sum(len(w.events) for w in closable.windows)
             same = {p for p in epochs if self.generations.get(p) == generations.get(p)}
             if len(same) < len(epochs):  # re-claimed meanwhile: the new claim replays them
                 closable = _only(closable, same)
                 epochs = {p: epochs[p] for p in same}
             await self.dlq.settle()
             async with self.pool.acquire() as conn:
-                result = await flush(conn, closable, epochs, self.policy,
-                                     datetime.fromtimestamp(now, UTC))
+                sent = True
+                await flush(conn, closable, epochs, self.policy,
+                            datetime.fromtimestamp(now, UTC), result)
         except FencedError as exc:
             metrics.FENCED_FLUSHES.inc()
             # Release only what another worker took: a partition we re-claimed ourselves
@@ -497,14 +522,46 @@ class Pipeline:
             return None
         except _FLUSH_RETRYABLE as exc:
             metrics.FLUSH_FAILURES.labels(type(exc).__name__).inc()
-            log.warning("flush failed, will retry: %r", exc)
-            self._restore(closable, generations)
+            if not isinstance(exc, DlqUnavailable):  # the DLQ writer reports the broker itself
+                self.health.down(POSTGRES, exc)  # logged once per outage, not per tick
+            if not sent:
+                self._restore(closable, generations)
+                return None
+            # The connection broke (or a statement failed) inside the flush transaction, maybe
+            # during its COMMIT: it may have committed without our hearing. A blind retry
+            # would re-apply it, which its tokens' primary key refuses, forever. Ask Postgres.
+            log.warning("flush failed, checking whether it committed: %r", exc)
+            self._in_doubt = _InDoubt(closable, generations, result, started)
+            return await self._resolve_in_doubt()
+        self._committed(result, closable, started)
+        return result
+
+    async def _resolve_in_doubt(self) -> FlushResult | None:
+        """Settle a flush whose outcome is unknown: count it if it committed, else retry it."""
+        doubt = self._in_doubt
+        assert doubt is not None
+        try:
+            committed = await flush_committed(self.pool, doubt.closable)
+        except DATABASE_UNAVAILABLE as exc:
+            metrics.FLUSH_FAILURES.labels("in_doubt_" + type(exc).__name__).inc()
+            self.health.down(POSTGRES, exc)
+            return None  # still down: ask again next tick, flushing nothing else meanwhile
+        self._in_doubt = None
+        self.health.up(POSTGRES)
+        metrics.FLUSHES_IN_DOUBT.labels("committed" if committed else "not_committed").inc()
+        if not committed:
+            log.warning("the failed flush did not commit; its windows are retried")
+            self._restore(doubt.closable, doubt.generations)
             return None
-        committed = self.clock()
-        self._record(result, closable, started, committed)
+        log.warning("the failed flush did commit: counted as done, not applied again")
+        self._committed(doubt.result, doubt.closable, doubt.started)
+        return doubt.result
+
+    def _committed(self, result: FlushResult, closable: Closable, started: float) -> None:
+        self.health.up(POSTGRES)
+        self._record(result, closable, started, self.clock())
         if self.windows.pending_events < self.settings.processor.max_pending_events:
             self._room.set()
-        return result
 
     def _restore(self, closable: Closable, generations: dict[int, int]) -> None:
         still = {p for p, g in generations.items() if self.generations.get(p) == g}

@@ -25,6 +25,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from meterline import metrics
 from meterline.config import KafkaConfig, Settings
 from meterline.health import KAFKA, POSTGRES, Health, stopped_within
+from meterline.kafka.limits import producer_limits
 from meterline.kafka.producer import HealingProducer, producer_config
 from meterline.metrics import run_service
 from meterline.storage.db import DATABASE_UNAVAILABLE, create_pool
@@ -52,8 +53,13 @@ class DeliveryFailed(Exception):
 
 class OutboxRelay:
     def __init__(self, pool: asyncpg.Pool, kafka: KafkaConfig, batch_size: int = 5000,
-                 health: Health | None = None) -> None:
+                 health: Health | None = None, *, check_limits: bool = True) -> None:
         self.pool = pool
+        # What the topics the relay publishes to take, against what its producer sends
+        # (a smaller topic limit is logged at start-up, kafka/limits.py).
+        self.max_bytes = producer_limits(
+            kafka, (kafka.aggregates_topic, kafka.balance_changes_topic),
+            kafka.producer_message_max_bytes) if check_limits else {}
         self.batch_size = batch_size
         self.published = 0
         self.health = health or Health("relay")

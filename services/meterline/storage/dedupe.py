@@ -47,6 +47,11 @@ with one `flush_tokens` row. The rules that keep this exactly-once:
   partition's new owner, now replaying the event, takes it over;
 - a live reservation of another partition (a mis-keyed duplicate) is never
   taken over: that partition's owner will debit it, or replay it;
+- a mark already stamped with the reserving buffer's own token is that buffer's: a
+  reservation whose answer was lost (connection broken after the INSERT ran) is simply
+  sent again, and must not find its own marks and call its events duplicates (which
+  would drop them unseen). Tokens are random per buffer, and a confirmed token's buffer
+  is gone, so no other buffer reserves under it;
 - epochs only grow, and a claim waits for an in-flight flush of the partition
   (both lock its checkpoint row), so a takeover never races a confirmation;
 - a token outlives every mark that may carry it (`retain`), so a confirmed mark
@@ -76,12 +81,14 @@ INSERT INTO dedupe_marks AS m (window_start_ms, key, slot, epoch, token)
 SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bigint[], $5::bigint[])
 ON CONFLICT (window_start_ms, key) DO UPDATE
     SET slot = excluded.slot, epoch = excluded.epoch, token = excluded.token
-    WHERE m.slot = excluded.slot AND m.epoch < excluded.epoch
-      AND NOT EXISTS (SELECT 1 FROM flush_tokens f WHERE f.token = m.token)
+    WHERE (m.token = excluded.token
+           OR m.slot = excluded.slot AND m.epoch < excluded.epoch
+              AND NOT EXISTS (SELECT 1 FROM flush_tokens f WHERE f.token = m.token))
 RETURNING window_start_ms, key
 """
 
 CONFIRM = "INSERT INTO flush_tokens (token) SELECT unnest($1::bigint[])"
+CONFIRMED = "SELECT count(*) FROM flush_tokens WHERE token = ANY($1::bigint[])"
 
 ADD_DAYS = "SELECT dedupe_add_days($1::date, $2::date)"
 DROP_DAYS = "SELECT dedupe_drop_days($1::date, $2::date)"
@@ -165,3 +172,8 @@ async def retain(conn: asyncpg.Connection | asyncpg.Pool, now: datetime,
 
 def _day(epoch_day: int) -> date:
     return date(1970, 1, 1) + timedelta(days=epoch_day)
+
+
+async def confirmed(conn: asyncpg.Connection | asyncpg.Pool, tokens: Sequence[int]) -> int:
+    """How many of `tokens` a committed flush confirmed."""
+    return int(await conn.fetchval(CONFIRMED, list(tokens)))

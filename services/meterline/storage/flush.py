@@ -41,7 +41,7 @@ from meterline.core.windows import Closable, WindowBuffer, WindowValue, as_decim
 from meterline.ledger.accounts import USAGE_ACCOUNT
 from meterline.ledger.book import Entry, open_books, paid_for_windows, post
 from meterline.storage.checkpoints import check_epochs, store_offsets
-from meterline.storage.dedupe import confirm
+from meterline.storage.dedupe import confirm, confirmed
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +123,15 @@ async def flush(
     epochs: dict[int, int],
     policy: FlushPolicy,
     now: datetime | None = None,
+    result: FlushResult | None = None,
 ) -> FlushResult:
-    """Write one flush atomically; raises FencedError (and writes nothing) if fenced off."""
+    """Write one flush atomically; raises FencedError (and writes nothing) if fenced off.
+
+    Pass `result` to keep what the flush wrote even when its COMMIT is never acknowledged
+    (the connection broke): `flush_committed` then says whether it counts.
+    """
     now = now or datetime.now(UTC)
-    result = FlushResult()
+    result = result if result is not None else FlushResult()
     async with conn.transaction():
         partitions = {w.key.partition for w in closable.windows} | set(closable.checkpoints)
         await check_epochs(conn, policy.usage_topic, {p: epochs[p] for p in partitions})
@@ -144,6 +149,22 @@ async def flush(
             result.thresholds_crossed = [t for c in changes for t in c.crossed()]
         await store_offsets(conn, policy.usage_topic, closable.checkpoints)
     return result
+
+
+async def flush_committed(conn: asyncpg.Connection | asyncpg.Pool, closable: Closable) -> bool:
+    """Did the flush of `closable` commit? For a flush whose COMMIT went unanswered.
+
+    Its window tokens are inserted into `flush_tokens` by that flush's transaction and by
+    nothing else, so all present = it committed, none present = it did not. A flush without
+    windows wrote only checkpoints, which are idempotent to write again: False.
+    """
+    tokens = sorted({t for w in closable.windows for t in w.tokens})
+    if not tokens:
+        return False
+    found = await confirmed(conn, tokens)
+    if 0 < found < len(tokens):  # atomicity says never; re-applying would debit twice
+        raise RuntimeError(f"flush half-committed? {found} of {len(tokens)} tokens confirmed")
+    return found == len(tokens)
 
 
 async def _aggregate(

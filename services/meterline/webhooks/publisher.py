@@ -28,6 +28,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from meterline import metrics
 from meterline.config import KafkaConfig
 from meterline.health import Health
+from meterline.kafka.limits import producer_limits
 from meterline.kafka.producer import PURGED, Headers, HealingProducer, producer_config
 from meterline.webhooks.intake import StripeEvent
 
@@ -94,6 +95,8 @@ class StripeEventPublisher:
             **{"linger.ms": 1, "message.timeout.ms": message_timeout_ms,
                # Bounded memory in an outage: a full local queue answers 503 at once.
                "queue.buffering.max.kbytes": 65_536})
+        self._kafka = kafka
+        self.max_bytes = kafka.producer_message_max_bytes  # checked against the topic at start
         self._loop: asyncio.AbstractEventLoop | None = None
         self._producer: HealingProducer | None = None
         self._probe_task: asyncio.Task[None] | None = None
@@ -102,6 +105,10 @@ class StripeEventPublisher:
     async def start(self) -> None:
         """Create the producer and start probing the broker (call from the serving loop)."""
         self._loop = asyncio.get_running_loop()
+        # A topic that takes less than the producer sends is logged once, here (kafka/limits.py).
+        limits = await self._loop.run_in_executor(
+            None, producer_limits, self._kafka, [self.topic], self.max_bytes)
+        self.max_bytes = limits[self.topic]
         self._producer = HealingProducer(self._config, CLIENT, poll_thread=True,
                                          on_error=self._on_error, clock=self.clock)
         await self._probe_and_record()  # ready at once when the broker is up
