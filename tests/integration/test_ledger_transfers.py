@@ -393,6 +393,34 @@ async def test_a_grant_effective_later_raises_no_balance_before_it_takes_effect(
     await _assert_invariants(desk)
 
 
+async def test_voiding_a_scheduled_grant_issues_only_its_unvoided_part_when_it_takes_effect(
+    desk: Desk,
+) -> None:
+    partly = await desk.grant("c", "100", effective_at=desk.now + timedelta(hours=1))
+    fully = await desk.grant("c", "40", effective_at=desk.now + timedelta(hours=1))
+    assert await desk.void(partly, "30") == 30  # recorded, nothing to move yet
+    assert await desk.void(partly, "100") == 70  # at most what is left unvoided
+    assert await desk.void(partly, "5") == 0
+    assert await desk.void(fully, "25") == 25
+    row = await desk.balance("c")
+    assert (row["balance"], row["granted"]) == (0, 0)
+
+    desk.now += timedelta(hours=2)
+    await desk.expire()  # the ledger's clock issues what is due: 0 of 100, 15 of 40
+    row = await desk.balance("c")
+    assert (row["balance"], row["granted"]) == (15, 15)
+    remaining = dict(await desk.db.fetch("SELECT id, remaining FROM grants"))
+    assert remaining == {partly: 0, fully: 15}
+    issued = await desk.db.fetch(
+        """SELECT e.grant_id, e.reason, coalesce(sum(t.amount), 0) AS moved
+           FROM ledger_entries e LEFT JOIN transfers t ON t.entry_id = e.id
+           WHERE e.kind = 'grant' AND e.reason LIKE 'grant_effective%'
+           GROUP BY 1, 2 ORDER BY 1""")
+    assert [tuple(r) for r in issued] == [(partly, "grant_effective_voided", 0),
+                                          (fully, "grant_effective", 15)]
+    await _assert_invariants(desk)
+
+
 async def test_late_usage_burns_the_credits_valid_at_its_time_first(desk: Desk) -> None:
     # an old grant valid at the window's time, and a newer one effective only after it
     old = await desk.grant("c", "10", priority=10)

@@ -48,6 +48,8 @@ Rules written down:
   hold credits, then the grants usable now, then the receivable (overage);
 - a grant whose `effective_at` is in the future is on record but issues nothing until
   it takes effect (`issue_due_grants`, run by the processor's clock with expiry);
+- a void of a grant not yet in effect moves nothing: it is recorded on the grant
+  (`voided_before_issue`) and the grant issues only its unvoided part (none if all voided);
 - a grant settles the receivable first (grant -> receivable), so an expiry can
   only write off what the grant still holds, never the part that paid a debt;
 - a window's debit is round(final value × rate) − what the window was already

@@ -31,8 +31,10 @@ RETURNING id, effective_at, issued_at
 PENDING_CUSTOMERS = """
 SELECT DISTINCT customer_id FROM grants WHERE issued_at IS NULL AND effective_at <= $1
 """
+# what a pending grant issues: its amount less what was voided before it took effect
 PENDING_GRANTS = """
-SELECT id, customer_id, amount, priority, effective_at, expires_at, source FROM grants
+SELECT id, customer_id, amount - voided_before_issue AS amount, priority, effective_at,
+       expires_at, source FROM grants
 WHERE customer_id = ANY($1::text[]) AND issued_at IS NULL AND effective_at <= $2
 ORDER BY customer_id, id
 """
@@ -50,6 +52,11 @@ ORDER BY g.customer_id, g.id
 """
 
 GRANT_CUSTOMER = "SELECT customer_id, expired_at FROM grants WHERE id = $1"
+PENDING_GRANT_FOR_UPDATE = """
+SELECT amount - voided_before_issue AS unvoided FROM grants
+WHERE id = $1 AND issued_at IS NULL FOR UPDATE
+"""
+VOID_BEFORE_ISSUE = "UPDATE grants SET voided_before_issue = voided_before_issue + $2 WHERE id = $1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +124,10 @@ async def issue_due_grants(
         due = await conn.fetch(PENDING_GRANTS, customers, now)  # under the locks
         entries = [_issue(books[r["customer_id"]],
                           Grant(r["id"], ZERO, r["priority"], r["effective_at"], r["expires_at"]),
-                          r["amount"], "grant_effective") for r in due]
+                          r["amount"], "grant_effective") if r["amount"] > 0
+                   else Entry(r["customer_id"], "grant", "grant_effective_voided", (),
+                              grant_id=r["id"])  # voided in full before it took effect
+                   for r in due]
         await conn.execute(MARK_ISSUED, [r["id"] for r in due], now)
         await post(conn, books, entries, balance_topic, thresholds)
         return len(due)
@@ -153,10 +163,22 @@ async def void_grant_credits(
     """grant -> issuer for up to `credits` of what the grant still holds (e.g. a refunded
     purchase); return what was voided. Credits already used stay used; an expired grant
     holds nothing. `granted` drops by what is voided, as if the grant had been that much
-    smaller. Not idempotent by itself: the caller records its key."""
+    smaller. A grant that has not taken effect yet moves nothing: up to its unvoided amount
+    is recorded as voided before issue (an entry without transfers), and it issues only
+    the rest when it takes effect. Not idempotent by itself: the caller records its key."""
     async with conn.transaction():
         row = await conn.fetchrow(GRANT_CUSTOMER, grant_id)
         books = await open_books(conn, [row["customer_id"]], [grant_id])
+        # under the customer's lock, which issuing takes too: pending now stays pending
+        pending = await conn.fetchrow(PENDING_GRANT_FOR_UPDATE, grant_id)
+        if pending is not None:
+            taken = min(credits, pending["unvoided"])
+            if taken <= 0:
+                return ZERO
+            await conn.execute(VOID_BEFORE_ISSUE, grant_id, taken)
+            await post(conn, books, [Entry(row["customer_id"], "void", reason + "_before_effective",
+                                           (), grant_id=grant_id)], balance_topic, thresholds)
+            return taken
         transfers = books[row["customer_id"]].void(grant_id, credits, reason)
         if not transfers:
             return ZERO
