@@ -209,6 +209,54 @@ async def test_expiry_waits_for_a_flush_holding_the_customer_and_neither_deadloc
     await _assert_invariants(desk)
 
 
+ROUNDS = 20
+
+
+async def test_real_flushes_and_expiry_on_the_same_customers_never_deadlock_and_stay_exact(
+    desk: Desk,
+) -> None:
+    """The processor's real `flush()` (two partitions' flushes at once, their customers in
+    opposite orders) and the real `expire_grants` run concurrently on the same customers, round
+    after round, each on its own connection: no deadlock, no rollback, exact books."""
+    customers = [f"d{i}" for i in range(6)]
+    for c in customers:
+        await desk.grant(c, "1000", priority=10)  # never expires
+    size = timedelta(milliseconds=desk.settings.processor.window_size_ms)
+    for r in range(ROUNDS):
+        for c in customers:  # one grant per customer due this round: expiry locks them all
+            await desk.grant(c, "5", priority=1, expires_at=desk.now + timedelta(seconds=1))
+        desk.now += timedelta(seconds=2)
+        at = T0 + r * size  # a new window each round: first flushes, not corrections
+        results = await asyncio.gather(
+            flush_events(desk.settings, desk.db, [(c, "sum", at, 1) for c in customers],
+                         partition=0, now=desk.now),
+            flush_events(desk.settings, desk.db, [(c, "count", at, 1) for c in reversed(customers)],
+                         partition=1, now=desk.now),
+            desk.expire(),
+            return_exceptions=True)
+        errors = [x for x in results if isinstance(x, BaseException)]
+        assert not errors, (r, errors)  # a deadlock would be asyncpg.DeadlockDetectedError
+        assert results[2] == len(customers), r
+
+    for c in customers:
+        moved = dict(await desk.db.fetch(
+            """SELECT e.kind, sum(t.amount) FROM transfers t JOIN ledger_entries e
+               ON e.id = t.entry_id WHERE t.customer_id = $1 AND e.kind IN ('debit', 'expiry')
+               GROUP BY e.kind""", c))
+        # 2 credits of usage a round (one sum event, one count event), every one debited
+        assert moved["debit"] == 2 * ROUNDS, c
+        # what each short grant did not pay for usage expired, no more
+        short_used = await desk.db.fetchval(
+            """SELECT coalesce(sum(t.amount), 0) FROM transfers t JOIN grants g
+               ON g.id = t.from_grant WHERE g.customer_id = $1 AND g.amount = 5
+               AND t.to_account = 'usage'""", c)
+        assert moved["expiry"] + short_used == 5 * ROUNDS, c
+        row = await desk.balance(c)
+        assert row["balance"] == 1000 + 5 * ROUNDS - 2 * ROUNDS - moved["expiry"], c
+        assert row["receivable"] == 0
+    await _assert_invariants(desk)
+
+
 # 9 ---------------------------------------------------------------------------------------
 
 
