@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
@@ -23,6 +23,7 @@ from meterline.ledger.accounts import (
     grant_account,
 )
 from meterline.storage.db import migrate, migration_files
+from meterline.storage.grants import allocate_plan_periods, sync_config
 
 from .api_support import (
     NOW,
@@ -416,6 +417,55 @@ async def test_thresholds_fire_once_per_crossing_across_expiry_and_credit_back(
     assert await _last_crossed(desk) == []
     assert (await desk.balance("c"))["balance"] == -10
     await _assert_invariants(desk)
+
+
+async def _crossed_since(desk: Desk, outbox_id: int) -> tuple[list[list[int]], int]:
+    """(thresholds_crossed of each balance change published after `outbox_id`, the last id)."""
+    rows = await desk.db.fetch("SELECT id, payload FROM outbox WHERE topic = $1 AND id > $2"
+                               " ORDER BY id", desk.topic, outbox_id)
+    crossed = [orjson.loads(r["payload"])["thresholds_crossed"] for r in rows]
+    return [c for c in crossed if c], rows[-1]["id"] if rows else outbox_id
+
+
+async def test_thresholds_fire_once_per_crossing_per_plan_period(migrated_database: str) -> None:
+    """A debt bigger than the new period's allocation leaves the share consumed above every
+    threshold: they fire once for the new period (at its allocation), and not again within it,
+    whatever top-ups that do not really recover the balance come."""
+    plans = [{"key": "starter", "included_credits": "50", "period": "month", "carryover": "reset"}]
+    settings = ledger_settings(migrated_database, plans=plans,
+                               customers=[{"id": "c", "plan": "starter"}])
+    pool = await asyncpg.create_pool(migrated_database, min_size=1, max_size=2)
+    assert pool is not None
+    desk = Desk(settings, pool)
+
+    async def allocate() -> None:
+        async with pool.acquire() as conn:
+            await sync_config(conn, settings)
+            await allocate_plan_periods(conn, settings, desk.now)
+
+    try:
+        await allocate()  # November: 50
+        await desk.use("c", "sum", 120)  # 240 % of the period's credits: debt 70
+        crossed, seen = await _crossed_since(desk, 0)
+        assert crossed == [[50, 75, 90, 100]]
+        await desk.use("c", "sum", 10, window=1)
+        crossed, seen = await _crossed_since(desk, seen)
+        assert crossed == []  # once per crossing
+
+        desk.now = datetime(2026, 12, 1, 0, 1, tzinfo=UTC)
+        await desk.expire()  # November's (used up) allocation expires
+        await allocate()  # December: 50, all of it settling the debt
+        row = await desk.balance("c")
+        assert (row["balance"], row["granted"]) == (-30, 50)
+        crossed, seen = await _crossed_since(desk, seen)
+        assert crossed == [[50, 75, 90, 100]]  # a new period: once more, at its start
+        await desk.grant("c", "5")  # a top-up that leaves the share above 100 %: re-arms nothing
+        await desk.use("c", "sum", 10, window=2)
+        crossed, seen = await _crossed_since(desk, seen)
+        assert crossed == []
+        await _assert_invariants(desk)
+    finally:
+        await pool.close()
 
 
 # 12 --------------------------------------------------------------------------------------

@@ -134,6 +134,8 @@ class Entry:
     aggregate_id: str | None = None
     grant_id: int | None = None
     granted_delta: Decimal = ZERO  # how `granted` (the thresholds' base) moves
+    # a plan period's allocation: the customer's thresholds start over (core.credits)
+    starts_period: bool = False
 
     @property
     def amount(self) -> Decimal:
@@ -237,7 +239,9 @@ async def post(
         posted = by_customer[customer]
         before = MONEY.subtract(r["balance"], r["held"])
         book = books[customer]
-        fires, fired = threshold_fires(book.fired, before, r["balance"],
+        new_period = any(e.starts_period for _, e, _ in posted)
+        fires, fired = threshold_fires(frozenset() if new_period else book.fired, before,
+                                       r["balance"],
                                        MONEY.subtract(r["granted"], granted[customer]),
                                        r["granted"], thresholds)
         if fired != book.fired:

@@ -59,6 +59,11 @@ WHERE id = $1 AND issued_at IS NULL FOR UPDATE
 VOID_BEFORE_ISSUE = "UPDATE grants SET voided_before_issue = voided_before_issue + $2 WHERE id = $1"
 
 
+# The reason of a plan period's allocation (config or Stripe): issuing it starts a new period
+# for the customer's thresholds (they fire once per crossing *per period*).
+PLAN_ALLOCATION_REASON = "plan_allocation"
+
+
 @dataclass(frozen=True, slots=True)
 class GrantRequest:
     customer: str
@@ -108,7 +113,8 @@ async def apply_grant_change(
 
 def _issue(book: CustomerBook, grant: Grant, amount: Decimal, reason: str) -> Entry:
     return Entry(book.customer, "grant", reason, tuple(book.issue(grant, amount, reason)),
-                 grant_id=grant.id, granted_delta=amount)
+                 grant_id=grant.id, granted_delta=amount,
+                 starts_period=reason == PLAN_ALLOCATION_REASON)
 
 
 async def issue_due_grants(

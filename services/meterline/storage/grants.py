@@ -19,6 +19,7 @@ from meterline.config import PlanConfig, Settings
 # The ledger's grant and expiry entry points, re-exported for callers that predate it
 # (the processor's maintenance loop imports expiry from here).
 from meterline.ledger import (
+    PLAN_ALLOCATION_REASON,
     GrantRequest,
     apply_adjustment,
     apply_grant,
@@ -55,7 +56,7 @@ def plan_grant_request(
     """A plan's credits for the period [start, end): effective at its start, expiring at
     its end when the plan resets (rollover credits never expire)."""
     return GrantRequest(customer, amount, source, source_ref, plan.grant_priority, start,
-                        end if plan.carryover == "reset" else None, reason="plan_allocation")
+                        end if plan.carryover == "reset" else None, reason=PLAN_ALLOCATION_REASON)
 
 
 # Each config customer's latest allocated period, its base plan and the plans seen in it.
