@@ -471,6 +471,28 @@ async def test_thresholds_fire_once_per_crossing_per_plan_period(migrated_databa
 # 12 --------------------------------------------------------------------------------------
 
 
+async def test_config_grants_are_applied_once_in_one_transaction_with_their_debts_settled(
+    desk: Desk, migrated_database: str,
+) -> None:
+    await desk.use("a", "sum", 4)  # a debt the config grant settles first
+    later = (datetime.now(UTC) + timedelta(days=1)).isoformat()  # sync_config: the wall clock
+    settings = ledger_settings(migrated_database, customers=[
+        {"id": "a", "grants": [{"ref": "welcome", "amount": "10"},
+                               {"ref": "promo", "amount": "5", "priority": 1}]},
+        {"id": "b", "grants": [{"ref": "welcome", "amount": "7", "effective_at": later}]}])
+    for _ in range(2):  # a restart applies nothing twice
+        async with desk.db.acquire() as conn:
+            await sync_config(conn, settings)
+    rows = {r["customer_id"]: (r["balance"], r["granted"], r["receivable"])
+            for r in await desk.db.fetch("SELECT * FROM balances")}
+    assert rows == {"a": (11, 15, 0), "b": (0, 0, 0)}  # b's grant takes effect tomorrow
+    assert await desk.db.fetchval("SELECT count(*) FROM grants WHERE source = 'config'") == 3
+    await _assert_invariants(desk)
+
+
+
+
+
 async def test_a_grant_effective_later_raises_no_balance_before_it_takes_effect(
     desk: Desk,
 ) -> None:

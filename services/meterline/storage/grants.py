@@ -24,6 +24,7 @@ from meterline.ledger import (
     apply_adjustment,
     apply_grant,
     apply_grant_change,
+    apply_grants,
     expire_grants,
     void_grant_credits,
 )
@@ -184,10 +185,8 @@ async def sync_config(conn: asyncpg.Connection, settings: Settings) -> None:
                    WHEN customers.plan_source = 'stripe' THEN customers.plan_key ELSE $2 END,
                    stripe_customer_id = coalesce($3, customers.stripe_customer_id), updated_at = now()""",
             [(c.id, c.plan, c.stripe_customer_id) for c in settings.customers])
-    for c in settings.customers:
-        for g in c.grants:
-            await apply_grant(
-                conn,
-                GrantRequest(c.id, g.amount, "config", f"{c.id}:{g.ref}", g.priority,
-                             g.effective_at, g.expires_at, reason="config_grant"),
-                settings.kafka.balance_changes_topic, settings.processor.thresholds_percent)
+    await apply_grants(
+        conn, [GrantRequest(c.id, g.amount, "config", f"{c.id}:{g.ref}", g.priority,
+                            g.effective_at, g.expires_at, reason="config_grant")
+               for c in settings.customers for g in c.grants],
+        settings.kafka.balance_changes_topic, settings.processor.thresholds_percent)
