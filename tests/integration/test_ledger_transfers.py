@@ -524,6 +524,9 @@ async def test_voiding_a_scheduled_grant_issues_only_its_unvoided_part_when_it_t
     assert await desk.void(fully, "25") == 25
     row = await desk.balance("c")
     assert (row["balance"], row["granted"]) == (0, 0)
+    voids = await desk.db.fetch("SELECT grant_id, amount FROM ledger_entries WHERE kind = 'void'"
+                                " ORDER BY id")  # on record, moving nothing
+    assert [tuple(v) for v in voids] == [(partly, 0), (partly, 0), (fully, 0)]
 
     desk.now += timedelta(hours=2)
     await desk.expire()  # the ledger's clock issues what is due: 0 of 100, 15 of 40

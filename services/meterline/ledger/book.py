@@ -198,9 +198,9 @@ async def post(
 
     Must run inside the transaction that opened `books`."""
     # an entry without transfers still records an event (an expiry of a used-up grant, a
-    # grant scheduled for later); other empty ones (a zero debit) are nothing
+    # grant scheduled for later, a void of one); other empty ones (a zero debit) are nothing
     entries = [e for e in entries
-               if e.transfers or e.granted_delta or e.kind in ("expiry", "grant")]
+               if e.transfers or e.granted_delta or e.kind in ("expiry", "grant", "void")]
     if not entries:
         return []
     for e in entries:

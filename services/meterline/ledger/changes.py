@@ -224,8 +224,8 @@ async def void_grant_credits(
             if taken <= 0:
                 return ZERO
             await conn.execute(VOID_BEFORE_ISSUE, grant_id, taken)
-            await post(conn, books, [Entry(row["customer_id"], "void", reason + "_before_effective",
-                                           (), grant_id=grant_id)], balance_topic, thresholds)
+            await post(conn, books, [Entry(row["customer_id"], "void", reason, (),
+                                           grant_id=grant_id)], balance_topic, thresholds)
             return taken
         transfers = books[row["customer_id"]].void(grant_id, credits, reason)
         if not transfers:
