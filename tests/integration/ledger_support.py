@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 
@@ -37,10 +38,11 @@ METERS = [
 ]
 
 
-def ledger_settings(dsn: str, places: int = 6, rate: str = "1") -> Settings:
+def ledger_settings(dsn: str, places: int = 6, rate: str = "1", **sections: Any) -> Settings:
+    """Settings with the four test meters; `sections` adds e.g. plans and customers."""
     meters = [m | {"credits_per_unit": rate} for m in METERS]
     return load_settings(None, database_url=dsn, meters=meters,
-                         processor={"credit_decimal_places": places})
+                         processor={"credit_decimal_places": places}, **sections)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
@@ -23,6 +23,7 @@ from meterline.ledger.accounts import (
     grant_account,
 )
 from meterline.storage.db import migrate, migration_files
+from meterline.storage.grants import allocate_plan_periods, sync_config
 
 from .api_support import (
     NOW,
@@ -209,6 +210,54 @@ async def test_expiry_waits_for_a_flush_holding_the_customer_and_neither_deadloc
     await _assert_invariants(desk)
 
 
+ROUNDS = 20
+
+
+async def test_real_flushes_and_expiry_on_the_same_customers_never_deadlock_and_stay_exact(
+    desk: Desk,
+) -> None:
+    """The processor's real `flush()` (two partitions' flushes at once, their customers in
+    opposite orders) and the real `expire_grants` run concurrently on the same customers, round
+    after round, each on its own connection: no deadlock, no rollback, exact books."""
+    customers = [f"d{i}" for i in range(6)]
+    for c in customers:
+        await desk.grant(c, "1000", priority=10)  # never expires
+    size = timedelta(milliseconds=desk.settings.processor.window_size_ms)
+    for r in range(ROUNDS):
+        for c in customers:  # one grant per customer due this round: expiry locks them all
+            await desk.grant(c, "5", priority=1, expires_at=desk.now + timedelta(seconds=1))
+        desk.now += timedelta(seconds=2)
+        at = T0 + r * size  # a new window each round: first flushes, not corrections
+        results = await asyncio.gather(
+            flush_events(desk.settings, desk.db, [(c, "sum", at, 1) for c in customers],
+                         partition=0, now=desk.now),
+            flush_events(desk.settings, desk.db, [(c, "count", at, 1) for c in reversed(customers)],
+                         partition=1, now=desk.now),
+            desk.expire(),
+            return_exceptions=True)
+        errors = [x for x in results if isinstance(x, BaseException)]
+        assert not errors, (r, errors)  # a deadlock would be asyncpg.DeadlockDetectedError
+        assert results[2] == len(customers), r
+
+    for c in customers:
+        moved = dict(await desk.db.fetch(
+            """SELECT e.kind, sum(t.amount) FROM transfers t JOIN ledger_entries e
+               ON e.id = t.entry_id WHERE t.customer_id = $1 AND e.kind IN ('debit', 'expiry')
+               GROUP BY e.kind""", c))
+        # 2 credits of usage a round (one sum event, one count event), every one debited
+        assert moved["debit"] == 2 * ROUNDS, c
+        # what each short grant did not pay for usage expired, no more
+        short_used = await desk.db.fetchval(
+            """SELECT coalesce(sum(t.amount), 0) FROM transfers t JOIN grants g
+               ON g.id = t.from_grant WHERE g.customer_id = $1 AND g.amount = 5
+               AND t.to_account = 'usage'""", c)
+        assert moved["expiry"] + short_used == 5 * ROUNDS, c
+        row = await desk.balance(c)
+        assert row["balance"] == 1000 + 5 * ROUNDS - 2 * ROUNDS - moved["expiry"], c
+        assert row["receivable"] == 0
+    await _assert_invariants(desk)
+
+
 # 9 ---------------------------------------------------------------------------------------
 
 
@@ -370,7 +419,78 @@ async def test_thresholds_fire_once_per_crossing_across_expiry_and_credit_back(
     await _assert_invariants(desk)
 
 
+async def _crossed_since(desk: Desk, outbox_id: int) -> tuple[list[list[int]], int]:
+    """(thresholds_crossed of each balance change published after `outbox_id`, the last id)."""
+    rows = await desk.db.fetch("SELECT id, payload FROM outbox WHERE topic = $1 AND id > $2"
+                               " ORDER BY id", desk.topic, outbox_id)
+    crossed = [orjson.loads(r["payload"])["thresholds_crossed"] for r in rows]
+    return [c for c in crossed if c], rows[-1]["id"] if rows else outbox_id
+
+
+async def test_thresholds_fire_once_per_crossing_per_plan_period(migrated_database: str) -> None:
+    """A debt bigger than the new period's allocation leaves the share consumed above every
+    threshold: they fire once for the new period (at its allocation), and not again within it,
+    whatever top-ups that do not really recover the balance come."""
+    plans = [{"key": "starter", "included_credits": "50", "period": "month", "carryover": "reset"}]
+    settings = ledger_settings(migrated_database, plans=plans,
+                               customers=[{"id": "c", "plan": "starter"}])
+    pool = await asyncpg.create_pool(migrated_database, min_size=1, max_size=2)
+    assert pool is not None
+    desk = Desk(settings, pool)
+
+    async def allocate() -> None:
+        async with pool.acquire() as conn:
+            await sync_config(conn, settings)
+            await allocate_plan_periods(conn, settings, desk.now)
+
+    try:
+        await allocate()  # November: 50
+        await desk.use("c", "sum", 120)  # 240 % of the period's credits: debt 70
+        crossed, seen = await _crossed_since(desk, 0)
+        assert crossed == [[50, 75, 90, 100]]
+        await desk.use("c", "sum", 10, window=1)
+        crossed, seen = await _crossed_since(desk, seen)
+        assert crossed == []  # once per crossing
+
+        desk.now = datetime(2026, 12, 1, 0, 1, tzinfo=UTC)
+        await desk.expire()  # November's (used up) allocation expires
+        await allocate()  # December: 50, all of it settling the debt
+        row = await desk.balance("c")
+        assert (row["balance"], row["granted"]) == (-30, 50)
+        crossed, seen = await _crossed_since(desk, seen)
+        assert crossed == [[50, 75, 90, 100]]  # a new period: once more, at its start
+        await desk.grant("c", "5")  # a top-up that leaves the share above 100 %: re-arms nothing
+        await desk.use("c", "sum", 10, window=2)
+        crossed, seen = await _crossed_since(desk, seen)
+        assert crossed == []
+        await _assert_invariants(desk)
+    finally:
+        await pool.close()
+
+
 # 12 --------------------------------------------------------------------------------------
+
+
+async def test_config_grants_are_applied_once_in_one_transaction_with_their_debts_settled(
+    desk: Desk, migrated_database: str,
+) -> None:
+    await desk.use("a", "sum", 4)  # a debt the config grant settles first
+    later = (datetime.now(UTC) + timedelta(days=1)).isoformat()  # sync_config: the wall clock
+    settings = ledger_settings(migrated_database, customers=[
+        {"id": "a", "grants": [{"ref": "welcome", "amount": "10"},
+                               {"ref": "promo", "amount": "5", "priority": 1}]},
+        {"id": "b", "grants": [{"ref": "welcome", "amount": "7", "effective_at": later}]}])
+    for _ in range(2):  # a restart applies nothing twice
+        async with desk.db.acquire() as conn:
+            await sync_config(conn, settings)
+    rows = {r["customer_id"]: (r["balance"], r["granted"], r["receivable"])
+            for r in await desk.db.fetch("SELECT * FROM balances")}
+    assert rows == {"a": (11, 15, 0), "b": (0, 0, 0)}  # b's grant takes effect tomorrow
+    assert await desk.db.fetchval("SELECT count(*) FROM grants WHERE source = 'config'") == 3
+    await _assert_invariants(desk)
+
+
+
 
 
 async def test_a_grant_effective_later_raises_no_balance_before_it_takes_effect(
@@ -390,6 +510,37 @@ async def test_a_grant_effective_later_raises_no_balance_before_it_takes_effect(
     row = await desk.balance("c")
     assert (row["balance"], row["granted"], row["receivable"]) == (70, 100, 0)
     assert await desk.db.fetchval("SELECT remaining FROM grants WHERE id = $1", gid) == 70
+    await _assert_invariants(desk)
+
+
+async def test_voiding_a_scheduled_grant_issues_only_its_unvoided_part_when_it_takes_effect(
+    desk: Desk,
+) -> None:
+    partly = await desk.grant("c", "100", effective_at=desk.now + timedelta(hours=1))
+    fully = await desk.grant("c", "40", effective_at=desk.now + timedelta(hours=1))
+    assert await desk.void(partly, "30") == 30  # recorded, nothing to move yet
+    assert await desk.void(partly, "100") == 70  # at most what is left unvoided
+    assert await desk.void(partly, "5") == 0
+    assert await desk.void(fully, "25") == 25
+    row = await desk.balance("c")
+    assert (row["balance"], row["granted"]) == (0, 0)
+    voids = await desk.db.fetch("SELECT grant_id, amount FROM ledger_entries WHERE kind = 'void'"
+                                " ORDER BY id")  # on record, moving nothing
+    assert [tuple(v) for v in voids] == [(partly, 0), (partly, 0), (fully, 0)]
+
+    desk.now += timedelta(hours=2)
+    await desk.expire()  # the ledger's clock issues what is due: 0 of 100, 15 of 40
+    row = await desk.balance("c")
+    assert (row["balance"], row["granted"]) == (15, 15)
+    remaining = dict(await desk.db.fetch("SELECT id, remaining FROM grants"))
+    assert remaining == {partly: 0, fully: 15}
+    issued = await desk.db.fetch(
+        """SELECT e.grant_id, e.reason, coalesce(sum(t.amount), 0) AS moved
+           FROM ledger_entries e LEFT JOIN transfers t ON t.entry_id = e.id
+           WHERE e.kind = 'grant' AND e.reason LIKE 'grant_effective%'
+           GROUP BY 1, 2 ORDER BY 1""")
+    assert [tuple(r) for r in issued] == [(partly, "grant_effective_voided", 0),
+                                          (fully, "grant_effective", 15)]
     await _assert_invariants(desk)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ from prometheus_client import REGISTRY
 
 from meterline.config import Settings
 from meterline.devstack.stripe_emulator.emulator import StripeEmulator, serve
+from meterline.stripe import reports
 from meterline.stripe.provision import ensure_customers, ensure_meters
+from meterline.stripe.reports import STRIPE_AGE_MARGIN_SECONDS, STRIPE_MAX_AGE_SECONDS
 from meterline.stripe.sink import StripeSink, start_sink, stop_sink
-from meterline.stripe.transport import Stripe
+from meterline.stripe.transport import MeterEvent, Stripe, V1Transport
 
 from .harness import read_messages, wait_until
 
@@ -345,3 +348,93 @@ async def test_malformed_aggregates_go_to_the_dlq_and_the_partition_keeps_flowin
     assert dlq[0].value == b"\xff not json"  # the original bytes, untouched
     assert counted._value.get() - before == 2  # noqa: SLF001
     assert committed.offset == 3  # past the bad messages and the accepted one
+
+
+async def _finished(env: Env, n: int) -> list[asyncpg.Record]:
+    async with env.pool.acquire() as conn:
+        rows = await conn.fetch("SELECT status, error_code, last_error FROM stripe_reports")
+    return list(rows) if len(rows) == n and all(
+        r["status"] in ("accepted", "rejected") for r in rows) else []
+
+
+@pytest.mark.parametrize("transport", ["v1", "v2"])
+async def test_report_values_fit_stripes_15_significant_digits_and_the_rest_is_carried(
+    sink_env: Callable[..., Any], transport: str,
+) -> None:
+    # 17 significant digits each (quantities accepted at intake as a double's shortest
+    # decimal), and sums of them coalesced into 2-second buckets: 4 reports of 16-17 digits
+    quantities = ["12345678.901234567", "0.000000001", "98765432.123456789", "1.5",
+                  "7.0000000000000001", "3", "99999999999999.95", "0.03"]
+    async with sink_env(["c1"], transport=transport) as env:
+        aggs = [aggregate("c1", "gpu_seconds", w, q)
+                for w, q in zip(windows(len(quantities)), quantities, strict=True)]
+        await env.record_aggregates(aggs)
+        env.produce(aggs)
+        sink, task = await start_sink(env.settings)
+        try:
+            await wait_until(lambda: _finished(env, 4), timeout=20, what="4 reports finished")
+            async with env.pool.acquire() as conn:
+                rows = await conn.fetch("SELECT status, error_code, last_error FROM stripe_reports")
+                carry = await conn.fetchval(
+                    "SELECT carry FROM stripe_report_carry WHERE customer_id = 'c1'")
+        finally:
+            await stop_sink(sink, task)
+    assert [(r["status"], r["error_code"]) for r in rows] == [("accepted", None)] * 4, rows
+    assert env.emulator.error_reports == []  # v2 validates later: nothing was dropped
+    sent = [e.value for e in env.emulator.events]
+    assert len(sent) == 4
+    assert all(len(v.normalize().as_tuple().digits) <= 15 for v in sent), sent
+    ledger = ledger_totals(aggs)[("c1", "gpu_seconds")]
+    # Stripe holds the ledger's total but for the carry not sent yet, which is below half a
+    # unit of the last report's 15th digit
+    assert env.stripe_totals()[("c1", "gpu_seconds")] + carry == ledger
+    last = max(env.emulator.events, key=lambda e: e.timestamp).value  # 1E+14 at 0.1 a unit
+    assert carry != 0 and abs(carry) <= Decimal(10) ** (last.adjusted() - 14) / 2
+
+
+async def test_the_emulator_refuses_values_of_more_than_15_significant_digits_like_stripe(
+    sink_env: Callable[..., Any],
+) -> None:
+    async with sink_env(["c1"]) as env:
+        transport = V1Transport(Stripe("sk_test_x", env.url, 10))
+        try:
+            [ok], [refused] = [await transport.send([MeterEvent(
+                f"ev_{value}", "gpu_seconds", "stripe_customer_id", env.stripe_ids["c1"], "value",
+                Decimal(value), int(time.time()))]) for value in ("123456789012.345",
+                                                                  "123456789012.3456")]
+        finally:
+            await transport.close()
+    assert ok.kind == "accepted"
+    assert (refused.kind, refused.code) == ("reject", "meter_event_invalid_value")
+
+
+async def test_reports_of_events_accepted_5_s_inside_the_35_days_are_not_refused(
+    sink_env: Callable[..., Any],
+) -> None:
+    """A 60 s bucket can start up to 59 s before its events: for usage accepted 5 s inside
+    meterline's 35 days (max lateness), the bucket start lies past Stripe's limit; the report
+    is stamped inside it (`reports.stripe_timestamp`) and Stripe takes it."""
+    async with sink_env(["c1"], coalesce_interval_seconds=60) as env:
+        while True:  # a window 5 s inside the limit whose 60 s bucket starts before the limit
+            limit = int(time.time()) - STRIPE_MAX_AGE_SECONDS
+            window = limit + 5 + 1  # +1: the second the test itself takes
+            if window % 60 > 6 + 5:  # the bucket starts > 5 s before the limit
+                break
+            await asyncio.sleep(1)
+        start = datetime.fromtimestamp(window, UTC)
+        assert reports.bucket_of(start, 60) < datetime.fromtimestamp(limit, UTC)
+        aggs = [aggregate("c1", "api_calls", start, "2"),
+                aggregate("c1", "api_calls", start + timedelta(seconds=1), "3")]
+        await env.record_aggregates(aggs)
+        env.produce(aggs)
+        sink, task = await start_sink(env.settings)
+        try:
+            [row] = await wait_until(lambda: _finished(env, 1), timeout=20, what="report finished")
+        finally:
+            await stop_sink(sink, task)
+    assert (row["status"], row["error_code"]) == ("accepted", None), row["last_error"]
+    [event] = env.emulator.events
+    assert event.value == 5
+    # stamped at the oldest instant Stripe takes (its margin for the request's own time):
+    # seconds after the bucket's start, the same billing period
+    assert 0 <= event.timestamp - limit <= STRIPE_AGE_MARGIN_SECONDS + 20

@@ -146,7 +146,7 @@ async def post_grant(request: web.Request) -> web.Response:
     async with ctx.pool.acquire() as conn:
         for _ in range(3):
             try:
-                row, crossed = await _apply_once(conn, ctx, req, now)
+                row, crossed = await apply_manual_credit(conn, ctx, req, now)
             except (_Raced, asyncpg.UniqueViolationError):
                 continue  # the other request has committed: the next try replays it
             replayed = crossed is None
@@ -157,8 +157,8 @@ async def post_grant(request: web.Request) -> web.Response:
     raise ApiError(409, "idempotency_conflict", "a concurrent request holds this idempotency key")
 
 
-async def _apply_once(conn: asyncpg.Connection, ctx: ApiContext, req: ManualCredit,
-                      now: datetime) -> tuple[asyncpg.Record, tuple[int, ...] | None]:
+async def apply_manual_credit(conn: asyncpg.Connection, ctx: ApiContext, req: ManualCredit,
+                              now: datetime) -> tuple[asyncpg.Record, tuple[int, ...] | None]:
     """(the request's row, thresholds crossed; None if it had been applied before).
 
     One transaction: the request row commits with the ledger entry it made.

@@ -106,9 +106,12 @@ FROM stripe_charge_refunds
 WHERE charge_id = ANY($1::text[]) OR payment_intent = ANY($1::text[]) OR invoice = ANY($1::text[])
 """
 REFS_OF_GRANT = "SELECT ref FROM stripe_purchase_refs WHERE grant_id = $1"
+# voided: after issue (void entries) plus before it took effect (migration 011)
 VOIDED_OF_GRANT = """
-SELECT g.amount, coalesce(-sum(e.amount) FILTER (WHERE e.kind = 'void'), 0) AS voided
-FROM grants g LEFT JOIN ledger_entries e ON e.grant_id = g.id WHERE g.id = $1 GROUP BY g.amount
+SELECT g.amount,
+       coalesce(-sum(e.amount) FILTER (WHERE e.kind = 'void'), 0) + g.voided_before_issue AS voided
+FROM grants g LEFT JOIN ledger_entries e ON e.grant_id = g.id WHERE g.id = $1
+GROUP BY g.amount, g.voided_before_issue
 """
 
 INSERT_SNAPSHOT = """

@@ -123,6 +123,8 @@ def threshold_fires(
       period's allocation) and leaves the share below it: the balance really recovered;
     - so a change that only moves the base — an expiry, a used-up grant leaving `granted`
       — never re-fires a threshold, and one crossing fires once.
+    - a plan period's allocation starts over (`fired` passed empty by `ledger.book.post`):
+      once per crossing *per period*.
 
     `fired` None (not known yet, e.g. books migrated from before this rule): the thresholds
     reached before this change count as fired."""

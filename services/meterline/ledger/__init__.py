@@ -48,6 +48,8 @@ Rules written down:
   hold credits, then the grants usable now, then the receivable (overage);
 - a grant whose `effective_at` is in the future is on record but issues nothing until
   it takes effect (`issue_due_grants`, run by the processor's clock with expiry);
+- a void of a grant not yet in effect moves nothing: it is recorded on the grant
+  (`voided_before_issue`) and the grant issues only its unvoided part (none if all voided);
 - a grant settles the receivable first (grant -> receivable), so an expiry can
   only write off what the grant still holds, never the part that paid a debt;
 - a window's debit is round(final value × rate) − what the window was already
@@ -57,28 +59,37 @@ Rules written down:
 - `granted` (the threshold base) is Σ over grants not yet expired of issued −
   voided: +amount at issue, −voided at a void, −(issued − voided) at expiry,
   whether the grant was used up or not;
-- thresholds fire once per crossing (core.credits.threshold_fires): a fired one
-  re-arms only when a change raises the balance and leaves the share consumed below
-  it; the fired set is kept per customer (balances.thresholds_fired) by `book.post`;
+- thresholds fire once per crossing per period (core.credits.threshold_fires): a fired
+  one re-arms only when a change raises the balance and leaves the share consumed below
+  it (a top-up or credit-back that does not take the share back under it re-arms nothing,
+  so using those credits again fires nothing twice); a plan period's allocation
+  (`PLAN_ALLOCATION_REASON`, config or Stripe) starts the period over: every threshold is
+  re-armed and those the share still reaches after the allocation (a debt bigger than the
+  allocation, a rollover base mostly used) fire once for the new period; the fired set is
+  kept per customer (balances.thresholds_fired) by `book.post`;
 - refunds and lost disputes void the refunded share of every grant the charge paid
   for, pro rata (billing.stripe_ledger); a void takes only what the grant still holds.
 """
 
 from meterline.ledger.changes import (
+    PLAN_ALLOCATION_REASON,
     GrantRequest,
     apply_adjustment,
     apply_grant,
     apply_grant_change,
+    apply_grants,
     expire_grants,
     issue_due_grants,
     void_grant_credits,
 )
 
 __all__ = [
+    "PLAN_ALLOCATION_REASON",
     "GrantRequest",
     "apply_adjustment",
     "apply_grant",
     "apply_grant_change",
+    "apply_grants",
     "expire_grants",
     "issue_due_grants",
     "void_grant_credits",

@@ -134,6 +134,8 @@ class Entry:
     aggregate_id: str | None = None
     grant_id: int | None = None
     granted_delta: Decimal = ZERO  # how `granted` (the thresholds' base) moves
+    # a plan period's allocation: the customer's thresholds start over (core.credits)
+    starts_period: bool = False
 
     @property
     def amount(self) -> Decimal:
@@ -196,9 +198,9 @@ async def post(
 
     Must run inside the transaction that opened `books`."""
     # an entry without transfers still records an event (an expiry of a used-up grant, a
-    # grant scheduled for later); other empty ones (a zero debit) are nothing
+    # grant scheduled for later, a void of one); other empty ones (a zero debit) are nothing
     entries = [e for e in entries
-               if e.transfers or e.granted_delta or e.kind in ("expiry", "grant")]
+               if e.transfers or e.granted_delta or e.kind in ("expiry", "grant", "void")]
     if not entries:
         return []
     for e in entries:
@@ -237,7 +239,9 @@ async def post(
         posted = by_customer[customer]
         before = MONEY.subtract(r["balance"], r["held"])
         book = books[customer]
-        fires, fired = threshold_fires(book.fired, before, r["balance"],
+        new_period = any(e.starts_period for _, e, _ in posted)
+        fires, fired = threshold_fires(frozenset() if new_period else book.fired, before,
+                                       r["balance"],
                                        MONEY.subtract(r["granted"], granted[customer]),
                                        r["granted"], thresholds)
         if fired != book.fired:

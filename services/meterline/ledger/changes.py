@@ -6,6 +6,7 @@ transfers on the locked `CustomerBook`, and writes them with `post`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -28,11 +29,24 @@ ON CONFLICT (source, source_ref) DO NOTHING
 RETURNING id, effective_at, issued_at
 """
 
+# `INSERT_GRANT` for many grants in one statement (config grants at start-up)
+INSERT_GRANTS = """
+INSERT INTO grants (customer_id, amount, remaining, priority, effective_at, expires_at, source,
+                    source_ref, issued_at)
+SELECT t.c, t.a, 0, t.p, t.e, t.x, t.s, t.r, CASE WHEN t.e <= $8::timestamptz THEN $8::timestamptz END
+FROM unnest($1::text[], $2::numeric[], $3::int[], $4::timestamptz[], $5::timestamptz[],
+            $6::text[], $7::text[]) AS t(c, a, p, e, x, s, r)
+ON CONFLICT (source, source_ref) DO NOTHING
+RETURNING id, source, source_ref, effective_at, issued_at
+"""
+
 PENDING_CUSTOMERS = """
 SELECT DISTINCT customer_id FROM grants WHERE issued_at IS NULL AND effective_at <= $1
 """
+# what a pending grant issues: its amount less what was voided before it took effect
 PENDING_GRANTS = """
-SELECT id, customer_id, amount, priority, effective_at, expires_at, source FROM grants
+SELECT id, customer_id, amount - voided_before_issue AS amount, priority, effective_at,
+       expires_at, source FROM grants
 WHERE customer_id = ANY($1::text[]) AND issued_at IS NULL AND effective_at <= $2
 ORDER BY customer_id, id
 """
@@ -50,6 +64,16 @@ ORDER BY g.customer_id, g.id
 """
 
 GRANT_CUSTOMER = "SELECT customer_id, expired_at FROM grants WHERE id = $1"
+PENDING_GRANT_FOR_UPDATE = """
+SELECT amount - voided_before_issue AS unvoided FROM grants
+WHERE id = $1 AND issued_at IS NULL FOR UPDATE
+"""
+VOID_BEFORE_ISSUE = "UPDATE grants SET voided_before_issue = voided_before_issue + $2 WHERE id = $1"
+
+
+# The reason of a plan period's allocation (config or Stripe): issuing it starts a new period
+# for the customer's thresholds (they fire once per crossing *per period*).
+PLAN_ALLOCATION_REASON = "plan_allocation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +123,40 @@ async def apply_grant_change(
         return grant.id, change
 
 
+async def apply_grants(
+    conn: asyncpg.Connection, reqs: Sequence[GrantRequest], balance_topic: str,
+    thresholds: tuple[int, ...], now: datetime | None = None,
+) -> int:
+    """`apply_grant` for many requests in one transaction: their customers locked once in the
+    ledger's order, one insert, one `post` (config grants for thousands of customers at
+    start-up cost one round of locks, not one transaction each). Returns how many were new."""
+    if not reqs:
+        return 0
+    now = now or datetime.now(UTC)
+    by_ref = {(r.source, r.source_ref): r for r in reqs}
+    async with conn.transaction():
+        books = await open_books(conn, [r.customer for r in reqs])
+        rows = await conn.fetch(
+            INSERT_GRANTS, [r.customer for r in reqs], [r.amount for r in reqs],
+            [r.priority for r in reqs], [r.effective_at or now for r in reqs],
+            [r.expires_at for r in reqs], [r.source for r in reqs],
+            [r.source_ref for r in reqs], now)
+        entries = []
+        for row in sorted(rows, key=lambda r: r["id"]):
+            req = by_ref[(row["source"], row["source_ref"])]
+            grant = Grant(row["id"], ZERO, req.priority, row["effective_at"], req.expires_at)
+            entries.append(_issue(books[req.customer], grant, req.amount, req.reason)
+                           if row["issued_at"] is not None
+                           else Entry(req.customer, "grant", "grant_scheduled", (),
+                                      grant_id=grant.id))
+        await post(conn, books, entries, balance_topic, thresholds)
+        return len(rows)
+
+
 def _issue(book: CustomerBook, grant: Grant, amount: Decimal, reason: str) -> Entry:
     return Entry(book.customer, "grant", reason, tuple(book.issue(grant, amount, reason)),
-                 grant_id=grant.id, granted_delta=amount)
+                 grant_id=grant.id, granted_delta=amount,
+                 starts_period=reason == PLAN_ALLOCATION_REASON)
 
 
 async def issue_due_grants(
@@ -117,7 +172,10 @@ async def issue_due_grants(
         due = await conn.fetch(PENDING_GRANTS, customers, now)  # under the locks
         entries = [_issue(books[r["customer_id"]],
                           Grant(r["id"], ZERO, r["priority"], r["effective_at"], r["expires_at"]),
-                          r["amount"], "grant_effective") for r in due]
+                          r["amount"], "grant_effective") if r["amount"] > 0
+                   else Entry(r["customer_id"], "grant", "grant_effective_voided", (),
+                              grant_id=r["id"])  # voided in full before it took effect
+                   for r in due]
         await conn.execute(MARK_ISSUED, [r["id"] for r in due], now)
         await post(conn, books, entries, balance_topic, thresholds)
         return len(due)
@@ -153,10 +211,22 @@ async def void_grant_credits(
     """grant -> issuer for up to `credits` of what the grant still holds (e.g. a refunded
     purchase); return what was voided. Credits already used stay used; an expired grant
     holds nothing. `granted` drops by what is voided, as if the grant had been that much
-    smaller. Not idempotent by itself: the caller records its key."""
+    smaller. A grant that has not taken effect yet moves nothing: up to its unvoided amount
+    is recorded as voided before issue (an entry without transfers), and it issues only
+    the rest when it takes effect. Not idempotent by itself: the caller records its key."""
     async with conn.transaction():
         row = await conn.fetchrow(GRANT_CUSTOMER, grant_id)
         books = await open_books(conn, [row["customer_id"]], [grant_id])
+        # under the customer's lock, which issuing takes too: pending now stays pending
+        pending = await conn.fetchrow(PENDING_GRANT_FOR_UPDATE, grant_id)
+        if pending is not None:
+            taken = min(credits, pending["unvoided"])
+            if taken <= 0:
+                return ZERO
+            await conn.execute(VOID_BEFORE_ISSUE, grant_id, taken)
+            await post(conn, books, [Entry(row["customer_id"], "void", reason, (),
+                                           grant_id=grant_id)], balance_topic, thresholds)
+            return taken
         transfers = books[row["customer_id"]].void(grant_id, credits, reason)
         if not transfers:
             return ZERO

@@ -19,10 +19,12 @@ from meterline.config import PlanConfig, Settings
 # The ledger's grant and expiry entry points, re-exported for callers that predate it
 # (the processor's maintenance loop imports expiry from here).
 from meterline.ledger import (
+    PLAN_ALLOCATION_REASON,
     GrantRequest,
     apply_adjustment,
     apply_grant,
     apply_grant_change,
+    apply_grants,
     expire_grants,
     void_grant_credits,
 )
@@ -55,7 +57,7 @@ def plan_grant_request(
     """A plan's credits for the period [start, end): effective at its start, expiring at
     its end when the plan resets (rollover credits never expire)."""
     return GrantRequest(customer, amount, source, source_ref, plan.grant_priority, start,
-                        end if plan.carryover == "reset" else None, reason="plan_allocation")
+                        end if plan.carryover == "reset" else None, reason=PLAN_ALLOCATION_REASON)
 
 
 # Each config customer's latest allocated period, its base plan and the plans seen in it.
@@ -183,10 +185,8 @@ async def sync_config(conn: asyncpg.Connection, settings: Settings) -> None:
                    WHEN customers.plan_source = 'stripe' THEN customers.plan_key ELSE $2 END,
                    stripe_customer_id = coalesce($3, customers.stripe_customer_id), updated_at = now()""",
             [(c.id, c.plan, c.stripe_customer_id) for c in settings.customers])
-    for c in settings.customers:
-        for g in c.grants:
-            await apply_grant(
-                conn,
-                GrantRequest(c.id, g.amount, "config", f"{c.id}:{g.ref}", g.priority,
-                             g.effective_at, g.expires_at, reason="config_grant"),
-                settings.kafka.balance_changes_topic, settings.processor.thresholds_percent)
+    await apply_grants(
+        conn, [GrantRequest(c.id, g.amount, "config", f"{c.id}:{g.ref}", g.priority,
+                            g.effective_at, g.expires_at, reason="config_grant")
+               for c in settings.customers for g in c.grants],
+        settings.kafka.balance_changes_topic, settings.processor.thresholds_percent)

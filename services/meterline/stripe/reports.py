@@ -20,10 +20,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
 import asyncpg
+
+from meterline.core.money import MONEY, money_sum
 
 UNFINISHED = ("open", "pending", "sending")
 
@@ -49,7 +51,7 @@ class Claimed:
     meter: str
     event_name: str
     bucket_start: datetime
-    quantity: Decimal
+    quantity: Decimal  # what Stripe is sent: the report's value fixed at sealing (stripe_value)
     identifier: str
     stripe_customer_id: str | None
     attempts: int
@@ -82,6 +84,26 @@ def stripe_timestamp(bucket_start: datetime, now: datetime, slack_seconds: int) 
     if start < oldest <= start + slack_seconds + STRIPE_AGE_MARGIN_SECONDS:
         return oldest
     return start
+
+
+# Stripe refuses a meter event value with more than 15 significant digits (API 2026-04-22).
+STRIPE_SIGNIFICANT_DIGITS = 15
+_STRIPE_DIGITS = Context(prec=STRIPE_SIGNIFICANT_DIGITS, rounding=ROUND_HALF_EVEN)
+
+
+def stripe_value(quantity: Decimal, carry: Decimal) -> tuple[Decimal, Decimal]:
+    """(the value Stripe is sent for a report of `quantity`, the carry left for the next one).
+
+    The rule: send `quantity + carry` rounded to 15 significant digits and carry what the
+    rounding left out into the next report of the same customer and meter. Why not a
+    per-meter unit or a refusal at intake: the ledger must stay exact to the last digit
+    (credits are debited from the exact quantity), and a sum of 15-digit quantities can
+    itself need 16; carrying keeps Stripe's total equal to the ledger's over time, off by
+    at most half a unit of the last report's 15th digit, which the next report settles.
+    Invariant: sent + new carry == quantity + carry, exactly."""
+    owed = MONEY.add(quantity, carry)
+    sent = _STRIPE_DIGITS.plus(owed).normalize(_STRIPE_DIGITS)
+    return sent, MONEY.subtract(owed, sent)
 
 
 async def stage(conn: asyncpg.Connection, items: Sequence[Staged], interval_seconds: int,
@@ -135,7 +157,7 @@ async def stage(conn: asyncpg.Connection, items: Sequence[Staged], interval_seco
             RETURNING r.id, r.customer_id, r.meter, r.bucket_start
             """,
             [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
-            [k[3] for k in keys], [sum((g.quantity for g in groups[k]), Decimal(0)) for k in keys],
+            [k[3] for k in keys], [money_sum(g.quantity for g in groups[k]) for k in keys],
             [len(groups[k]) for k in keys], grace,
         )
         report_of = {(r["customer_id"], r["meter"], r["bucket_start"]): r["id"] for r in rows}
@@ -177,7 +199,45 @@ async def seal_due(conn: asyncpg.Connection, now: datetime) -> int:
                   GROUP BY report_id) AS m
             WHERE r.id = m.report_id
             """, due, now)
+        await _fix_reported_values(conn, due)
         return len(due)
+
+
+async def _fix_reported_values(conn: asyncpg.Connection, sealed: Sequence[int]) -> None:
+    """Set each sealed report's `reported_quantity` (`stripe_value`), carrying the rounding
+    remainder from report to report of a (customer, meter) in bucket order. The carry rows
+    are locked in (customer, meter) order, so concurrent sealers serialize per meter and
+    never deadlock; inside the sealing transaction, so a value is fixed once for all tries."""
+    rows = await conn.fetch(
+        """SELECT id, customer_id, meter, quantity FROM stripe_reports
+           WHERE id = ANY($1::bigint[]) AND status = 'pending'
+           ORDER BY customer_id, meter, bucket_start, part""", sealed)
+    if not rows:
+        return
+    pairs = sorted({(r["customer_id"], r["meter"]) for r in rows})
+    customers, meters = [p[0] for p in pairs], [p[1] for p in pairs]
+    await conn.execute(
+        """INSERT INTO stripe_report_carry (customer_id, meter)
+           SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING""",
+        customers, meters)
+    carry = {(r["customer_id"], r["meter"]): r["carry"] for r in await conn.fetch(
+        """SELECT c.customer_id, c.meter, c.carry FROM stripe_report_carry c
+           JOIN unnest($1::text[], $2::text[]) AS t(c, m) ON c.customer_id = t.c AND c.meter = t.m
+           ORDER BY c.customer_id, c.meter FOR UPDATE OF c""", customers, meters)}
+    sent = []
+    for r in rows:
+        key = (r["customer_id"], r["meter"])
+        value, carry[key] = stripe_value(r["quantity"], carry[key])
+        sent.append(value)
+    await conn.execute(
+        """UPDATE stripe_reports r SET reported_quantity = t.v
+           FROM unnest($1::bigint[], $2::numeric[]) AS t(id, v) WHERE r.id = t.id""",
+        [r["id"] for r in rows], sent)
+    await conn.execute(
+        """UPDATE stripe_report_carry c SET carry = t.v
+           FROM unnest($1::text[], $2::text[], $3::numeric[]) AS t(c, m, v)
+           WHERE c.customer_id = t.c AND c.meter = t.m""",
+        customers, meters, [carry[p] for p in pairs])
 
 
 async def claim(conn: asyncpg.Connection, limit: int, lease_seconds: float,
@@ -208,7 +268,8 @@ async def claim(conn: asyncpg.Connection, limit: int, lease_seconds: float,
             stripe_customer_id = COALESCE(r.stripe_customer_id,
                 (SELECT c.stripe_customer_id FROM customers c WHERE c.id = r.customer_id))
         FROM due WHERE r.id = due.id
-        RETURNING r.id, r.customer_id, r.meter, r.event_name, r.bucket_start, r.quantity,
+        RETURNING r.id, r.customer_id, r.meter, r.event_name, r.bucket_start,
+                  COALESCE(r.reported_quantity, r.quantity),
                   r.identifier, r.stripe_customer_id, r.attempts, r.aggregate_count
         """, limit, lease_seconds, transport)
     return sorted((Claimed(*r) for r in rows), key=lambda c: (c.bucket_start, c.id))

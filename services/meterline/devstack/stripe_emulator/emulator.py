@@ -9,7 +9,8 @@ Emulated:
   * ``POST /v1/billing/meter_events`` -- form-encoded; validated *synchronously* (400
     ``invalid_request_error`` with Stripe's meter error-report codes: ``no_meter``,
     ``meter_event_no_customer_defined``, ``meter_event_customer_not_found``,
-    ``meter_event_value_not_found``, ``meter_event_invalid_value``, ``timestamp_too_far_in_past``
+    ``meter_event_value_not_found``, ``meter_event_invalid_value`` (also for > 15 significant
+    digits), ``timestamp_too_far_in_past``
     (> 35 days), ``timestamp_in_future`` (> 5 min)). A repeated ``identifier`` within 24 h
     returns the original event and is counted once.
   * ``POST /v2/billing/meter_event_session`` (15 min token) and
@@ -61,6 +62,7 @@ from meterline.devstack.stripe_emulator.wire import StripeHTTPError
 __all__ = ["MeterEventRecord", "StripeEmulator", "run", "serve", "sign_payload"]
 
 DAY = 86_400
+MAX_SIGNIFICANT_DIGITS = 15  # meter event values, Stripe API 2026-04-22 on
 PAST_LIMIT_SECONDS = 35 * DAY
 FUTURE_LIMIT_SECONDS = 300
 DEDUPE_WINDOW_SECONDS = DAY
@@ -223,6 +225,10 @@ class StripeEmulator:
             raise StripeHTTPError(400, f"Value {raw!r} is not a valid number.",
                                   code="meter_event_invalid_value",
                                   param=f"payload[{vkey}]") from None
+        if len(value.normalize().as_tuple().digits) > MAX_SIGNIFICANT_DIGITS:  # since 2026-04-22
+            raise StripeHTTPError(400, f"Value {raw!r} has more than {MAX_SIGNIFICANT_DIGITS}"
+                                  " significant digits.", code="meter_event_invalid_value",
+                                  param=f"payload[{vkey}]")
         record = MeterEventRecord(
             identifier=identifier or self._id("", 24), event_name=event_name,
             meter_id=meter["id"], customer=customer, value=value, timestamp=ts, created=now,
