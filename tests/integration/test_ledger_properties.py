@@ -46,8 +46,8 @@ from meterline.billing.ledger_actions import Apply
 from meterline.billing.stripe_events import decide
 from meterline.billing.stripe_ledger import apply_event
 from meterline.config import Settings
+from meterline.devstack.stripe_emulator import objects
 from meterline.storage.grants import allocate_plan_periods, period_bounds, sync_config
-from meterline.stripe import objects
 
 from .ledger_support import Desk, ledger_settings
 
