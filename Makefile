@@ -21,7 +21,7 @@ run: $(STAMP) ## embedded broker + Postgres + all services + load + live view (C
 	$(BIN)/meterline dev
 
 test: $(STAMP) ## the whole suite: unit, integration (real broker + Postgres), e2e
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 test-unit: $(STAMP) ## pure tests only (seconds)
 	$(BIN)/python -m pytest -q tests/unit
