@@ -33,7 +33,8 @@ from meterline.api.context import ApiContext
 from meterline.api.server import build_app
 from meterline.config import Settings, load_settings
 from meterline.devstack.dev import write_config
-from meterline.storage.grants import GrantRequest, apply_grant, sync_config
+from meterline.ledger import GrantRequest, apply_grant
+from meterline.storage.grants import sync_config
 
 ROOT = Path(__file__).resolve().parents[2]
 OPENAPI = ROOT / "schemas" / "openapi.yaml"

@@ -25,11 +25,12 @@ from meterline.api.context import Clock, utc_now
 from meterline.config import Settings, load_settings
 from meterline.core.events import EPOCH, UsageEvent, dedupe_key
 from meterline.core.windows import OpenWindows
+from meterline.ledger import GrantRequest, apply_adjustment, apply_grant
 from meterline.processor.pipeline import policy_from
 from meterline.storage import checkpoints
 from meterline.storage.dedupe import reserve
 from meterline.storage.flush import FlushResult, flush
-from meterline.storage.grants import GrantRequest, apply_adjustment, apply_grant, sync_config
+from meterline.storage.grants import sync_config
 
 TOKEN = "test-token-0123456789abcdef"
 SECOND_TOKEN = "rotated-token-abcdefghijklmnop"

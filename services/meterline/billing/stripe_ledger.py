@@ -7,7 +7,7 @@ The transaction, step by step, and why the order is safe:
 2. resolve the meterline customer (a new Stripe mapping from metadata is recorded now)
    and take the customer's advisory lock, so two consumers never interleave one
    customer's Stripe state;
-3. apply the actions; every credit change goes through `storage.grants` (grant or void
+3. apply the actions; every credit change goes through `meterline.ledger` (grant or void
    + ledger entry + balance + outbox row with thresholds crossed);
 4. write the outcome, commit. The Kafka offset is committed only after this (consumer.py).
 

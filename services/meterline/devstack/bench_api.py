@@ -41,8 +41,9 @@ from meterline.config import Settings, load_settings
 from meterline.devstack.bench import quantile, run_bench
 from meterline.devstack.dev import write_config
 from meterline.devstack.embedded import EmbeddedPostgres, _free_port
+from meterline.ledger import GrantRequest, apply_grant
 from meterline.storage.db import migrate, with_database
-from meterline.storage.grants import GrantRequest, apply_grant, sync_config
+from meterline.storage.grants import sync_config
 
 ENDPOINTS = {
     "balance": "/v1/customers/{id}/balance",

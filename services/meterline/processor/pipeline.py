@@ -54,13 +54,14 @@ from meterline.config import ProcessorConfig, Settings
 from meterline.core.events import EventValidator, Limits, Reason, UsageEvent
 from meterline.core.windows import TIME_BUCKET_MS, Closable, OpenWindows, WindowBuffer
 from meterline.health import POSTGRES, Health
+from meterline.ledger import expire_grants
 from meterline.processor.dlq import DlqUnavailable, DlqWriter, dead_letter_headers
 from meterline.storage import checkpoints
 from meterline.storage.checkpoints import FencedError
 from meterline.storage.db import DATABASE_UNAVAILABLE
 from meterline.storage.dedupe import Identity, reserve, retain
 from meterline.storage.flush import FlushPolicy, FlushResult, flush, flush_committed
-from meterline.storage.grants import allocate_plan_periods, expire_grants
+from meterline.storage.grants import allocate_plan_periods
 
 log = logging.getLogger(__name__)
 

@@ -15,24 +15,11 @@ import asyncpg
 
 from meterline.billing.plans import upgrade_credits
 from meterline.config import PlanConfig, Settings
-
-# The ledger's grant and expiry entry points, re-exported for callers that predate it
-# (the processor's maintenance loop imports expiry from here).
-from meterline.ledger import (
-    PLAN_ALLOCATION_REASON,
-    GrantRequest,
-    apply_adjustment,
-    apply_grant,
-    apply_grant_change,
-    apply_grants,
-    expire_grants,
-    void_grant_credits,
-)
+from meterline.ledger import PLAN_ALLOCATION_REASON, GrantRequest, apply_grant, apply_grants
 
 __all__ = [
-    "GrantRequest", "allocate_plan_periods", "periods_to_allocate", "apply_adjustment", "apply_grant",
-    "apply_grant_change", "expire_grants", "period_bounds", "plan_grant_request", "sync_config",
-    "sync_plans", "void_grant_credits",
+    "allocate_plan_periods", "period_bounds", "periods_to_allocate", "plan_grant_request",
+    "sync_config", "sync_plans",
 ]
 
 
