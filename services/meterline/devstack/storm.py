@@ -192,7 +192,8 @@ class Storm:
             "invalid_time": {"time": self.rng.choice(["yesterday", "2026-02-30T00:00:00Z",
                                                       "2026-11-21T17:04:00", 1795280640])},
             "invalid_value": {"data": {self.meter.value_property: self.rng.choice(
-                [-5, "NaN", True, "1e3", [1], "0000000000000001"])}},
+                [-5, "NaN", True, "1e3", [1], "0000000000000001",
+                 "1.2345678901234567"])}},  # last: 17 significant digits, more than Stripe takes
             "unknown_meter": {"type": "no.such.meter"},
             "unknown_customer": {"subject": f"cust_nobody_{i}"},
             "too_old": {"time": self.gen._iso(now_ms - self.lateness_ms - 5 * day)},
